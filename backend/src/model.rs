@@ -1,0 +1,222 @@
+//! Loading a sentence-transformers model directory and turning token ids into
+//! normalised sentence embeddings with candle on the CPU.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokenizers::{Tokenizer, TruncationParams};
+
+/// What callers need to know about the loaded model, independent of weights.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Changes whenever anything that affects the output vectors changes
+    /// (weights, architecture, tokenizer, pooling, truncation), so it can
+    /// namespace cache keys.
+    pub fingerprint: String,
+    pub dimensions: usize,
+    pub max_seq_length: usize,
+}
+
+/// One tokenised input, already truncated, without padding.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+/// Thread-safe and cheap to call from request handlers, so tokenisation never
+/// competes with the matmul thread pool.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+}
+
+impl TextTokenizer {
+    pub fn encode(&self, text: &str) -> Result<Tokens> {
+        let encoding = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(anyhow::Error::msg)?;
+        Ok(Tokens {
+            ids: encoding.get_ids().to_vec(),
+            type_ids: encoding.get_type_ids().to_vec(),
+        })
+    }
+}
+
+/// The transformer plus pooling. Owned by the inference thread.
+pub struct Encoder {
+    bert: BertModel,
+    pad_id: u32,
+    device: Device,
+}
+
+impl Encoder {
+    /// Embeds a batch, padding to its longest member. Padding is masked out of
+    /// both attention and the mean, so a text's vector does not depend on what
+    /// it was batched with.
+    pub fn embed(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
+        let rows = batch.len();
+        let width = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
+        ensure!(rows > 0 && width > 0, "cannot embed an empty batch");
+
+        let mut ids = Vec::with_capacity(rows * width);
+        let mut type_ids = Vec::with_capacity(rows * width);
+        let mut mask = Vec::with_capacity(rows * width);
+        for tokens in batch {
+            let pad = width - tokens.ids.len();
+            ids.extend_from_slice(&tokens.ids);
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
+            type_ids.extend_from_slice(&tokens.type_ids);
+            type_ids.extend(std::iter::repeat_n(0, pad));
+            mask.extend(std::iter::repeat_n(1u32, tokens.ids.len()));
+            mask.extend(std::iter::repeat_n(0u32, pad));
+        }
+        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
+        let type_ids = Tensor::from_vec(type_ids, (rows, width), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
+
+        let hidden = self.bert.forward(&ids, &type_ids, Some(&mask))?;
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+        // The clamps mirror sentence-transformers (mean pooling, F.normalize)
+        // so degenerate inputs give zeros rather than NaN.
+        let counts = mask.sum(1)?.maximum(1e-9)?;
+        let mean = summed.broadcast_div(&counts)?;
+        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+        Ok(mean.broadcast_div(&norms)?.to_vec2::<f32>()?)
+    }
+}
+
+pub struct Model {
+    pub info: ModelInfo,
+    pub tokenizer: TextTokenizer,
+    pub encoder: Encoder,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: usize,
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    word_embedding_dimension: Option<usize>,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+impl Model {
+    /// Loads a directory in Hugging Face layout.
+    pub fn load(dir: &Path, name: String) -> Result<Self> {
+        let read = |file: &str| {
+            std::fs::read(dir.join(file))
+                .with_context(|| format!("reading {}", dir.join(file).display()))
+        };
+        let read_optional = |file: &str| -> Result<Option<Vec<u8>>> {
+            match std::fs::read(dir.join(file)) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("reading {}", dir.join(file).display())),
+            }
+        };
+
+        let config_bytes = read("config.json")?;
+        let config: BertConfig =
+            serde_json::from_slice(&config_bytes).context("parsing config.json")?;
+
+        if let Some(bytes) = read_optional("1_Pooling/config.json")? {
+            let pooling: PoolingConfig =
+                serde_json::from_slice(&bytes).context("parsing 1_Pooling/config.json")?;
+            if !pooling.pooling_mode_mean_tokens
+                || pooling.pooling_mode_cls_token
+                || pooling.pooling_mode_max_tokens
+                || pooling.pooling_mode_mean_sqrt_len_tokens
+            {
+                bail!("1_Pooling/config.json asks for a pooling other than a plain mean, which this server does not implement");
+            }
+            if let Some(dim) = pooling.word_embedding_dimension {
+                ensure!(
+                    dim == config.hidden_size,
+                    "pooling dimension {dim} does not match hidden_size {}",
+                    config.hidden_size
+                );
+            }
+        }
+
+        // sentence-transformers truncates at max_seq_length, not at whatever
+        // the tokenizer file ships with (128 for MiniLM).
+        let max_seq_length = match read_optional("sentence_bert_config.json")? {
+            Some(bytes) => {
+                let st: SentenceBertConfig =
+                    serde_json::from_slice(&bytes).context("parsing sentence_bert_config.json")?;
+                st.max_seq_length
+            }
+            None => config.max_position_embeddings,
+        }
+        .min(config.max_position_embeddings);
+        ensure!(
+            max_seq_length >= 2,
+            "max_seq_length {max_seq_length} is too short"
+        );
+
+        let tokenizer_bytes = read("tokenizer.json")?;
+        let mut tokenizer = Tokenizer::from_bytes(&tokenizer_bytes).map_err(anyhow::Error::msg)?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(anyhow::Error::msg)?;
+
+        let weights = read("model.safetensors")?;
+        let fingerprint = fingerprint(&[
+            &weights,
+            &config_bytes,
+            &tokenizer_bytes,
+            format!("pooling=mean;normalize=l2;max_seq_length={max_seq_length}").as_bytes(),
+        ]);
+
+        let device = Device::Cpu;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)?;
+        let bert = BertModel::load(vb, &config).context("loading BERT weights")?;
+
+        Ok(Model {
+            info: ModelInfo {
+                name,
+                fingerprint,
+                dimensions: config.hidden_size,
+                max_seq_length,
+            },
+            tokenizer: TextTokenizer { inner: tokenizer },
+            encoder: Encoder {
+                bert,
+                pad_id: u32::try_from(config.pad_token_id).context("pad_token_id")?,
+                device,
+            },
+        })
+    }
+}
+
+fn fingerprint(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        // Length-prefixing keeps ("ab","c") and ("a","bc") apart.
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
