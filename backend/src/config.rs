@@ -13,7 +13,11 @@ use clap::Parser;
 ///
 /// Every flag can also be set through the environment variable shown with it.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "switchyard-backend", disable_version_flag = true)]
+#[command(
+    name = "switchyard-backend",
+    disable_version_flag = true,
+    args_override_self = true
+)]
 pub struct Config {
     /// Address and port to serve HTTP on (port 0 picks a free one).
     #[arg(

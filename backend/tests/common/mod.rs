@@ -432,11 +432,16 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    pub fn start() -> Self {
-        let mut redis = RedisServer {
+    /// Picks a port but does not start yet.
+    pub fn unstarted() -> Self {
+        RedisServer {
             port: free_port(),
             child: None,
-        };
+        }
+    }
+
+    pub fn start() -> Self {
+        let mut redis = Self::unstarted();
         redis.restart();
         redis
     }
@@ -466,6 +471,20 @@ impl RedisServer {
     pub fn kill(&mut self) {
         self.child.take();
     }
+
+    /// Sends a signal, e.g. STOP to make Redis hang with its socket open.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("redis is running").pid();
+        send_signal(pid, name);
+    }
+}
+
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// The real binary, started with `args`, listening on a free port.
@@ -513,11 +532,7 @@ impl BinaryServer {
     }
 
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.pid(), name);
     }
 
     /// Waits for the process to exit and returns its exit code.
