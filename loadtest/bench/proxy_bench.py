@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Side-by-side proxy benchmark: direct vs Switchyard vs nginx vs HAProxy.
+
+Every contender fronts the same upstream (one nginx serving a fixed body on N
+ports), runs one worker, logs no requests, keeps connections alive on both
+sides, and is driven by the same wrk load. Rounds alternate the contender
+order so drift on a shared machine hits all of them alike. Prints markdown
+tables with ratios to the best peer and to direct.
+
+Run it through loadtest/bench/proxy, which installs what this needs.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CONFIGS = HERE / "configs"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BODY = '{"object":"bench","data":"' + "x" * 172 + '"}'  # 200 bytes
+
+
+def free_ports(n):
+    """Reserves n distinct free loopback ports (bound then released)."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def render(template, out, **values):
+    text = (CONFIGS / template).read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    Path(out).write_text(text)
+    return out
+
+
+def wait_port(port, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class Proc:
+    """A started server whose CPU time and peak RSS we can read from /proc."""
+
+    def __init__(self, name, argv, log, env=None):
+        self.name = name
+        self.log = open(log, "wb")
+        self.popen = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+
+    def pids(self):
+        """The process and its direct children (nginx's workers)."""
+        pid = self.popen.pid
+        found = [pid]
+        try:
+            for line in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                found.append(int(line))
+        except OSError:
+            pass
+        return found
+
+    def cpu_seconds(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+            except OSError:
+                pass
+        return total / CLK_TCK
+
+    def peak_rss_mib(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self):
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGINT)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self.log.close()
+
+
+def parse_wrk(out):
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return {"rps": rps, "requests": total, "errors": errors, "p50": pct(50), "p99": pct(99)}
+
+
+def run_wrk(url, conns, seconds):
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def run_oha_rate(url, conns, seconds, rate):
+    """Latency at a fixed offered rate (wrk cannot hold a rate)."""
+    argv = ["oha", "--no-tui", "--output-format", "json", "--insecure",
+            "-c", str(conns), "-z", f"{seconds}s", "-q", str(rate), url]
+    data = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    pct = data["latencyPercentiles"]
+    return {"rps": data["summary"]["requestsPerSec"], "p50": pct["p50"] * 1000,
+            "p99": pct["p99"] * 1000}
+
+
+class Bench:
+    def __init__(self, args, work):
+        self.args = args
+        self.work = Path(work)
+        self.procs = {}
+        self.ports = {}
+
+    def start_upstream(self, n):
+        ports = free_ports(n)
+        listens = "\n".join(f"        listen 127.0.0.1:{p} reuseport backlog=4096;" for p in ports)
+        conf = render("upstream-nginx.conf.tmpl", self.work / "upstream.conf",
+                      DIR=self.work, LISTENS=listens, BODY=BODY)
+        self.procs["upstream"] = Proc("upstream", ["nginx", "-c", conf, "-p", str(self.work)],
+                                      self.work / "upstream.log")
+        wait_port(ports[-1])
+        return ports
+
+    def start_contenders(self, upstreams, tag):
+        cert, key = self.args.cert, self.args.key
+        ports = dict(zip(["nginx_h", "nginx_t", "haproxy_h", "haproxy_t", "sy_h", "sy_t", "sy_a"],
+                         free_ports(7)))
+        d = self.work / tag
+        d.mkdir(exist_ok=True)
+        ngx = "\n".join(f"        server 127.0.0.1:{p};" for p in upstreams)
+        render("nginx.conf.tmpl", d / "nginx.conf", DIR=d, SERVERS=ngx,
+               HTTP=f"127.0.0.1:{ports['nginx_h']}", TLS=f"127.0.0.1:{ports['nginx_t']}",
+               CERT=cert, KEY=key)
+        (d / "haproxy-cert.pem").write_text(Path(cert).read_text() + Path(key).read_text())
+        hap = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
+        render("haproxy.cfg.tmpl", d / "haproxy.cfg", DIR=d, SERVERS=hap,
+               HTTP=f"127.0.0.1:{ports['haproxy_h']}", TLS=f"127.0.0.1:{ports['haproxy_t']}")
+        sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
+        render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
+               HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
+               ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=cert, KEY=key)
+        env = dict(os.environ, RUST_LOG="warn")
+        procs = {
+            "nginx": Proc("nginx", ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
+                          d / "nginx.log"),
+            "haproxy": Proc("haproxy", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")],
+                            d / "haproxy.log"),
+            "switchyard": Proc("switchyard", [self.args.switchyard, "run", "--config",
+                                              str(d / "switchyard.toml")],
+                               d / "switchyard.log", env=env),
+        }
+        for port in ports.values():
+            wait_port(port)
+        # Switchyard gates new backends until `rise` health checks pass.
+        self.wait_ready(f"http://127.0.0.1:{ports['sy_h']}/")
+        time.sleep(3)  # let every backend of a large pool pass its rise checks too
+        return procs, ports
+
+    def wait_ready(self, url, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url],
+                               capture_output=True, text=True)
+            if r.stdout == "200":
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
+
+
+def urls(ports, upstream_port, scheme):
+    if scheme == "http":
+        return {
+            "direct": f"http://127.0.0.1:{upstream_port}/",
+            "switchyard": f"http://127.0.0.1:{ports['sy_h']}/",
+            "nginx": f"http://127.0.0.1:{ports['nginx_h']}/",
+            "haproxy": f"http://127.0.0.1:{ports['haproxy_h']}/",
+        }
+    return {
+        "switchyard": f"https://127.0.0.1:{ports['sy_t']}/",
+        "nginx": f"https://127.0.0.1:{ports['nginx_t']}/",
+        "haproxy": f"https://127.0.0.1:{ports['haproxy_t']}/",
+    }
+
+
+def throughput_rounds(bench, procs, ports, upstream_port, scheme, args):
+    """Alternates contender order each round; returns per-contender medians."""
+    targets = urls(ports, upstream_port, scheme)
+    names = list(targets)
+    samples = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            proc = procs.get(name, bench.procs["upstream"])
+            cpu0 = proc.cpu_seconds()
+            res = run_wrk(targets[name], args.connections, args.duration)
+            res["cpu_per_10k"] = (proc.cpu_seconds() - cpu0) / max(res["requests"], 1) * 10000
+            samples[name].append(res)
+            print(f"  {scheme} round {r + 1} {name}: {res['rps']:.0f} req/s "
+                  f"p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms errors {res['errors']}",
+                  file=sys.stderr)
+    out = {}
+    for name, rows in samples.items():
+        out[name] = {k: statistics.median(row[k] for row in rows)
+                     for k in ("rps", "p50", "p99", "cpu_per_10k")}
+        out[name]["errors"] = sum(row["errors"] for row in rows)
+        proc = procs.get(name, bench.procs["upstream"])
+        out[name]["rss"] = proc.peak_rss_mib()
+    return out
+
+
+def throughput_table(title, res):
+    peers = [n for n in ("nginx", "haproxy") if n in res]
+    best = max(peers, key=lambda n: res[n]["rps"])
+    lines = [f"### {title}", "",
+             f"best peer: {best}; medians of the rounds; CPU = proxy process user+sys "
+             "seconds per 10k requests (for direct: the upstream's)", "",
+             "| contender | req/s | vs best peer | vs direct | p50 ms | p99 ms | p99 vs best "
+             "| CPU s/10k | CPU vs best | peak RSS MiB | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        direct = res.get("direct")
+        vs_direct = f"{r['rps'] / direct['rps']:.3f}" if direct else "–"
+        b = res[best]
+        cpu_ratio = r["cpu_per_10k"] / b["cpu_per_10k"] if b["cpu_per_10k"] else float("nan")
+        lines.append(
+            f"| {name} | {r['rps']:.0f} | {r['rps'] / b['rps']:.3f} | {vs_direct} | "
+            f"{r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / b['p99']:.2f} | "
+            f"{r['cpu_per_10k']:.3f} | {cpu_ratio:.2f} | {r['rss']:.1f} | {r['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
+def fixed_rate(ports, upstream_port, best_rps, args):
+    rate = int(best_rps * args.rate_fraction)
+    targets = urls(ports, upstream_port, "http")
+    lines = [f"### Added latency at a fixed {rate} req/s ({args.rate_fraction:.0%} of the best "
+             "peer's plain-HTTP maximum), oha", "",
+             "| contender | achieved req/s | p50 ms | p99 ms | p50 added vs direct ms "
+             "| p99 added vs direct ms |", "|---|---|---|---|---|---|"]
+    rows = {n: run_oha_rate(u, args.connections, args.duration, rate) for n, u in targets.items()}
+    d = rows["direct"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+                     f"{r['p50'] - d['p50']:+.3f} | {r['p99'] - d['p99']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--switchyard", default=str(ROOT / "target/release/switchyard"))
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--duration", type=int, default=10, help="seconds per run")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rate-fraction", type=float, default=0.5)
+    p.add_argument("--scale", default="3,30,300", help="pool sizes for the selection-cost runs")
+    p.add_argument("--skip-rate", action="store_true", help="skip the oha fixed-rate runs")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as work:
+        bench = Bench(args, work)
+        sizes = [int(s) for s in args.scale.split(",")]
+        upstreams = bench.start_upstream(max(sizes))
+        report = [f"## Proxy benchmark ({time.strftime('%Y-%m-%d %H:%M')} UTC, "
+                  f"{os.cpu_count()} CPUs, {args.connections} connections, "
+                  f"{args.duration}s x {args.rounds} rounds, {len(BODY)}-byte body)", ""]
+        try:
+            procs, ports = bench.start_contenders(upstreams[:3], "pool3")
+            try:
+                plain = throughput_rounds(bench, procs, ports, upstreams[0], "http", args)
+                report.append(throughput_table("Plain HTTP/1.1, 3 backends", plain))
+                tls = throughput_rounds(bench, procs, ports, upstreams[0], "https", args)
+                report.append(throughput_table("TLS (HTTP/1.1 over TLS), 3 backends", tls))
+                if not args.skip_rate:
+                    best = max(plain["nginx"]["rps"], plain["haproxy"]["rps"])
+                    report.append(fixed_rate(ports, upstreams[0], best, args))
+            finally:
+                for proc in procs.values():
+                    proc.stop()
+            report.append(scale_runs(bench, upstreams, sizes, args))
+        finally:
+            for proc in bench.procs.values():
+                proc.stop()
+        print("\n".join(report))
+
+
+def scale_runs(bench, upstreams, sizes, args):
+    """Selection cost as the pool grows: one run per size and contender."""
+    lines = ["### Pool size (plain HTTP, req/s; ratio to the same contender at "
+             f"{sizes[0]} backends)", "",
+             "| backends | switchyard | nginx | haproxy |", "|---|---|---|---|"]
+    base = {}
+    for n in sizes:
+        procs, ports = bench.start_contenders(upstreams[:n], f"pool{n}-scale")
+        try:
+            targets = urls(ports, upstreams[0], "http")
+            cells = []
+            for name in ("switchyard", "nginx", "haproxy"):
+                rps = run_wrk(targets[name], args.connections, args.duration)["rps"]
+                base.setdefault(name, rps)
+                cells.append(f"{rps:.0f} ({rps / base[name]:.2f})")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        finally:
+            for proc in procs.values():
+                proc.stop()
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

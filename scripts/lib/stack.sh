@@ -1,0 +1,119 @@
+# shellcheck shell=bash
+# The local stack shared by scripts/demo and the load-test runners: Redis,
+# blue-1 and blue-2 (pool blue), green-1 (pool green) and the TLS proxy on
+# fixed loopback ports. Source it from the repository root after `set -euo
+# pipefail`. Every process it starts is recorded in STACK_PIDS and stopped by
+# stack_stop, so callers trap it on EXIT.
+
+STACK_RUN=${STACK_RUN:-.run}
+STACK_CONFIG=$STACK_RUN/switchyard.toml
+STACK_PORTS=(6399 9101 9102 9201 8443 9901)
+STACK_PIDS=()
+declare -A STACK_PID_OF=()
+export SWITCHYARD_ADMIN_URL=http://127.0.0.1:9901
+export SWITCHYARD_URL=https://localhost:8443
+export SWITCHYARD_CA=certs/ca.pem
+
+stack_log() { echo "stack: $*" >&2; }
+
+# Refuses to start a second stack instead of failing later on busy ports.
+stack_preflight() {
+  if [[ -f $STACK_RUN/stack.pid ]] && kill -0 "$(cat "$STACK_RUN/stack.pid")" 2>/dev/null; then
+    stack_log "already running (pid $(cat "$STACK_RUN/stack.pid")); use it, or press Ctrl-C in its terminal to stop it."
+    return 1
+  fi
+  local port
+  for port in "${STACK_PORTS[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      stack_log "port $port is already in use by another program; stop it first (ss -ltnp 'sport = :$port')."
+      return 1
+    fi
+  done
+}
+
+# Everything a fresh machine lacks: packages, model, release build, certs.
+stack_prepare() {
+  scripts/install-deps
+  scripts/fetch-model
+  cargo build --release --locked --bins
+  certs/gen-dev-certs --quiet
+}
+
+stack_spawn() { # name, then the command
+  local name=$1
+  shift
+  "$@" >"$STACK_RUN/$name.log" 2>&1 &
+  STACK_PIDS+=($!)
+  STACK_PID_OF[$name]=$!
+  stack_log "started $name (pid $!), log $STACK_RUN/$name.log"
+}
+
+# Starts (or restarts, after a kill) one backend of the fixed fleet.
+stack_backend() { # name
+  local port version
+  case $1 in
+    blue-1) port=9101 version=blue-v1 ;;
+    blue-2) port=9102 version=blue-v1 ;;
+    green-1) port=9201 version=green-v1 ;;
+    *) stack_log "unknown backend $1"; return 1 ;;
+  esac
+  stack_spawn "$1" target/release/switchyard-backend --listen "127.0.0.1:$port" \
+    --instance "$1" --version "$version" --redis-url redis://127.0.0.1:6399
+}
+
+stack_proxy() { # extra switchyard run arguments (e.g. --upgrade)
+  stack_spawn proxy target/release/switchyard run --config "$STACK_CONFIG" "$@"
+}
+
+stack_start() {
+  mkdir -p "$STACK_RUN"
+  echo $$ >"$STACK_RUN/stack.pid"
+  stack_spawn redis redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no
+  stack_backend blue-1
+  stack_backend blue-2
+  stack_backend green-1
+  [[ -f $STACK_CONFIG ]] || cp config/switchyard.toml "$STACK_CONFIG"
+  [[ -f $STACK_RUN/admin-token ]] || (umask 077 && openssl rand -hex 16 >"$STACK_RUN/admin-token")
+  SWITCHYARD_ADMIN_TOKEN=$(cat "$STACK_RUN/admin-token")
+  export SWITCHYARD_ADMIN_TOKEN
+  stack_proxy
+  local port
+  for port in 9101 9102 9201; do
+    stack_wait "backend :$port" 180 curl -sf "http://127.0.0.1:$port/health/ready"
+  done
+  stack_wait "the proxy" 60 curl -sf --cacert "$SWITCHYARD_CA" "$SWITCHYARD_URL/v1/embeddings" \
+    -H 'content-type: application/json' -d '{"input":"hello"}'
+}
+
+stack_alive() {
+  local pid
+  for pid in "${STACK_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || return 1; done
+}
+
+stack_wait() { # what, seconds, command...
+  local what=$1 limit=$2
+  shift 2
+  for _ in $(seq $((limit * 5))); do
+    "$@" >/dev/null 2>&1 && return 0
+    stack_alive || { stack_log "a process died while waiting for $what; see $STACK_RUN/*.log"; return 1; }
+    sleep 0.2
+  done
+  stack_log "$what not ready after ${limit}s; see $STACK_RUN/*.log"
+  return 1
+}
+
+stack_stop() {
+  ((${#STACK_PIDS[@]})) || return 0
+  stack_log "stopping ${#STACK_PIDS[@]} processes"
+  local i pid alive
+  for ((i = ${#STACK_PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${STACK_PIDS[i]}" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    alive=0
+    for pid in "${STACK_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
+  for pid in "${STACK_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  STACK_PIDS=()
+  rm -f "$STACK_RUN/stack.pid"
+}
