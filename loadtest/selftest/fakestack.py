@@ -63,6 +63,17 @@ class QuietHandler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients vanishing mid-connection (k6 stopping, a killed peer) are
+        # part of every scenario, not errors worth a traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
 # --- backend -----------------------------------------------------------------
 
 def run_backend(args):
@@ -95,7 +106,7 @@ def run_backend(args):
                                           for i in range(len(inputs))]},
                            {"x-switchyard-instance": args.instance, "x-switchyard-version": args.version})
 
-    srv = ThreadingHTTPServer(parse_addr(args.listen), Backend)
+    srv = QuietServer(parse_addr(args.listen), Backend)
     srv.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=srv.shutdown).start())
     srv.serve_forever(poll_interval=0.1)
@@ -318,7 +329,7 @@ def run_proxy(args):
     else:
         lsock = socket.create_server(parse_addr(args.listen), backlog=128)
 
-    srv = ThreadingHTTPServer(parse_addr(args.listen), Proxy, bind_and_activate=False)
+    srv = QuietServer(parse_addr(args.listen), Proxy, bind_and_activate=False)
     srv.daemon_threads = True
     srv.socket = ctx.wrap_socket(lsock, server_side=True, do_handshake_on_connect=False)
 
@@ -333,7 +344,7 @@ def run_proxy(args):
 
     admin = None
     if not args.upgrade:
-        admin = ThreadingHTTPServer(parse_addr(args.admin), Admin)
+        admin = QuietServer(parse_addr(args.admin), Admin)
         admin.daemon_threads = True
         threading.Thread(target=admin.serve_forever, daemon=True).start()
     threading.Thread(target=health_loop, args=(state, stop), daemon=True).start()
@@ -378,7 +389,7 @@ def run_proxy(args):
             nonlocal admin
             for _ in range(600):
                 try:
-                    a = ThreadingHTTPServer(parse_addr(args.admin), Admin)
+                    a = QuietServer(parse_addr(args.admin), Admin)
                     a.daemon_threads = True
                     admin = a
                     a.serve_forever()
