@@ -329,55 +329,86 @@ lt_drive_drain() {
     lt_undrain "$base" "$addr"
 }
 
-# lt_drive_backend_kill PIDFILE LOG [READY_URL] -- RESTART_CMD...: SIGKILL
-# the backend in PIDFILE at T0+BEFORE, restart it with RESTART_CMD at
-# T0+BEFORE+KILLED (pid rewritten to PIDFILE, output to LOG), and with
-# READY_URL wait until it answers ready.
+# lt_drive_backend_kill TARGET [READY_URL] -- RESTART_CMD...: SIGKILL the
+# backend at T0+BEFORE and restart it at T0+BEFORE+KILLED; with READY_URL,
+# wait until it answers ready.
+#   TARGET a pidfile: RESTART_CMD is started in the background, output to
+#     $LT_RESTART_LOG (default: the pidfile's name with .log), and its pid
+#     written back to the pidfile.
+#   TARGET a pid: RESTART_CMD runs in this shell and must start the backend
+#     in the background itself, e.g. `stack_backend blue-2` from
+#     scripts/lib/stack.sh, which also keeps track of the new pid.
 lt_drive_backend_kill() {
-    local pidfile="$1" log="$2" ready="" t0 before killed pid
-    shift 2
-    if [[ "${1:-}" != "--" ]]; then ready="$1"; shift; fi
+    local target="$1" ready="" t0 before killed pid pidfile=""
+    shift
+    if [[ "${1:-}" != "--" ]]; then ready="${1:-}"; shift; fi
     [[ "${1:-}" == "--" ]] && shift
     (($#)) || { lt_die "lt_drive_backend_kill: no restart command"; return 1; }
+    if [[ "$target" =~ ^[0-9]+$ ]]; then
+        pid="$target"
+    else
+        pidfile="$target"
+        pid="$(cat "$pidfile" 2>/dev/null)" || { lt_die "no pidfile $pidfile"; return 1; }
+    fi
     t0="$(_lt_t0)" || return 1
     before="$(_lt_secs "${BEFORE:-15}")" || return 1
     killed="$(_lt_secs "${KILLED:-20}")" || return 1
-    pid="$(cat "$pidfile" 2>/dev/null)" || { lt_die "no pidfile $pidfile"; return 1; }
     lt_pid_alive "$pid" || { lt_die "backend pid $pid is not running"; return 1; }
     lt_sleep_until "$t0" "$before"
     lt_log "SIGKILL backend pid $pid"
     kill -KILL "$pid"
     lt_wait_pid_exit "$pid" 5 || return 1
     lt_sleep_until "$t0" "$(awk -v a="$before" -v b="$killed" 'BEGIN { print a + b }')"
-    pid="$(lt_start_bg "$log" "$pidfile" -- "$@")" || return 1
-    lt_log "restarted backend as pid $pid"
+    if [[ -n "$pidfile" ]]; then
+        pid="$(lt_start_bg "${LT_RESTART_LOG:-${pidfile%.pid}.log}" "$pidfile" -- "$@")" || return 1
+        lt_log "restarted backend as pid $pid"
+    else
+        "$@" || { lt_die "restart command failed: $*"; return 1; }
+        lt_log "restarted backend with: $*"
+    fi
     if [[ -n "$ready" ]]; then lt_wait_http "$ready" "${READY_TIMEOUT:-60}" || return 1; fi
 }
 
-# lt_drive_proxy_upgrade OLD_PID NEW_PIDFILE LOG [HEALTH_URL] -- NEW_CMD...:
-# at T0+BEFORE start NEW_CMD (which must include --upgrade), give it
+# lt_drive_proxy_upgrade OLD_PID [HEALTH_URL] -- NEW_CMD...: at T0+BEFORE
+# start the new proxy (NEW_CMD must include --upgrade), give it
 # HANDOFF_DELAY seconds (default 1) to wait on the upgrade socket, SIGQUIT
-# the old process, wait until it has exited (grace period included, at most
-# OLD_EXIT_TIMEOUT, default 60 s), then check that the new one is alive and,
-# with HEALTH_URL, answering.
+# the old process, wait until that has exited (its grace period included,
+# at most OLD_EXIT_TIMEOUT, default 60 s), then check that HEALTH_URL
+# answers.
+#   With LT_NEW_PIDFILE set, NEW_CMD is started in the background (output to
+#     $LT_NEW_LOG, default the pidfile's name with .log) and must stay alive.
+#   Without it, NEW_CMD runs in this shell and must background the proxy
+#     itself, e.g. `stack_proxy --upgrade` from scripts/lib/stack.sh.
 lt_drive_proxy_upgrade() {
-    local old="$1" pidfile="$2" log="$3" health="" t0 before new
-    shift 3
-    if [[ "${1:-}" != "--" ]]; then health="$1"; shift; fi
+    local old="$1" health="" t0 before new=""
+    shift
+    if [[ "${1:-}" != "--" ]]; then health="${1:-}"; shift; fi
     [[ "${1:-}" == "--" ]] && shift
     (($#)) || { lt_die "lt_drive_proxy_upgrade: no new command"; return 1; }
     t0="$(_lt_t0)" || return 1
     before="$(_lt_secs "${BEFORE:-15}")" || return 1
     lt_pid_alive "$old" || { lt_die "old proxy pid $old is not running"; return 1; }
     lt_sleep_until "$t0" "$before"
-    new="$(lt_start_bg "$log" "$pidfile" -- "$@")" || return 1
-    lt_log "started new proxy pid $new; SIGQUIT old pid $old in ${HANDOFF_DELAY:-1}s"
+    if [[ -n "${LT_NEW_PIDFILE:-}" ]]; then
+        new="$(lt_start_bg "${LT_NEW_LOG:-${LT_NEW_PIDFILE%.pid}.log}" "$LT_NEW_PIDFILE" -- "$@")" || return 1
+        lt_log "started new proxy pid $new"
+    else
+        "$@" || { lt_die "new proxy command failed: $*"; return 1; }
+        lt_log "started new proxy with: $*"
+    fi
     sleep "${HANDOFF_DELAY:-1}"
-    lt_pid_alive "$new" || { lt_die "new proxy pid $new exited before the handover (see $log)"; return 1; }
+    if [[ -n "$new" ]] && ! lt_pid_alive "$new"; then
+        lt_die "new proxy pid $new exited before the handover"
+        return 1
+    fi
+    lt_log "SIGQUIT old proxy pid $old"
     kill -QUIT "$old"
     lt_wait_pid_exit "$old" "${OLD_EXIT_TIMEOUT:-60}" || return 1
     lt_log "old proxy pid $old exited"
-    lt_pid_alive "$new" || { lt_die "new proxy pid $new is not running after the upgrade (see $log)"; return 1; }
+    if [[ -n "$new" ]] && ! lt_pid_alive "$new"; then
+        lt_die "new proxy pid $new is not running after the upgrade"
+        return 1
+    fi
     if [[ -n "$health" ]]; then lt_wait_http "$health" 10 || return 1; fi
 }
 
@@ -444,8 +475,8 @@ k6
 Scenario drivers (timed from T0_MS, with the k6 scripts' variables)
   lt_drive_canary_shift CONFIG [METRICS_URL]                    STEPS, STEP
   lt_drive_drain ADMIN_URL ADDRESS                              BEFORE, DRAINED, DRAIN_WAIT
-  lt_drive_backend_kill PIDFILE LOG [READY_URL] -- CMD...       BEFORE, KILLED
-  lt_drive_proxy_upgrade OLD_PID PIDFILE LOG [URL] -- CMD...    BEFORE, HANDOFF_DELAY
+  lt_drive_backend_kill PID|PIDFILE [READY_URL] -- CMD...       BEFORE, KILLED
+  lt_drive_proxy_upgrade OLD_PID [HEALTH_URL] -- CMD...         BEFORE, HANDOFF_DELAY, LT_NEW_PIDFILE
 oha
   lt_oha_check RESULT_JSON MAX_ERROR_RATE [MAX_P99_MS]
 EOF

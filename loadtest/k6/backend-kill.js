@@ -8,7 +8,7 @@
 //     within REJOIN seconds, without failing requests.
 //
 //   TARGET_BACKEND=127.0.0.1:9102 BEFORE=15 KILLED=20 AFTER=30 k6 run backend-kill.js
-//   # meanwhile: loadtest/lib.sh lt_drive_backend_kill PIDFILE -- RESTART_CMD...
+//   # meanwhile: lt_drive_backend_kill PID|PIDFILE [READY_URL] -- RESTART_CMD...   (loadtest/lib.sh)
 
 import { cfg, envNum, envSecs, embed, baseOptions, summaryOutputs, waitForT0 } from './lib/common.js';
 

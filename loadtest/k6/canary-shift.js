@@ -4,7 +4,7 @@
 // after SETTLE seconds, every pool's share matches that step's weights.
 //
 //   STEPS='blue=100,green=0;blue=50,green=50;blue=0,green=100' STEP=20 k6 run canary-shift.js
-//   # meanwhile: loadtest/lib.sh lt_drive_canary_shift CONFIG   (same STEPS, STEP, T0_MS)
+//   # meanwhile: lt_drive_canary_shift CONFIG   (loadtest/lib.sh; same STEPS, STEP, T0_MS)
 //
 // SETTLE covers the reload latency (the proxy promises < 2 s) plus clock
 // slack between the driver and k6; weights of exactly 0 or 100 are asserted

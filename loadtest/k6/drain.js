@@ -4,7 +4,7 @@
 // drained, and it serves again after the undrain.
 //
 //   TARGET_BACKEND=127.0.0.1:9101 BEFORE=15 DRAINED=20 AFTER=15 k6 run drain.js
-//   # meanwhile: loadtest/lib.sh lt_drive_drain ADMIN_URL 127.0.0.1:9101   (same timings, T0_MS)
+//   # meanwhile: lt_drive_drain ADMIN_URL 127.0.0.1:9101   (loadtest/lib.sh; same timings, T0_MS)
 //
 // TARGET_BACKEND is the value the proxy puts in x-switchyard-backend.
 

@@ -5,7 +5,7 @@
 // the same on both sides of the upgrade.
 //
 //   BEFORE=15 AFTER=30 EXPECT_SPLIT=blue=90,green=10 k6 run proxy-upgrade.js
-//   # meanwhile: loadtest/lib.sh lt_drive_proxy_upgrade OLD_PID NEW_PIDFILE LOG -- NEW_CMD...
+//   # meanwhile: lt_drive_proxy_upgrade OLD_PID [HEALTH_URL] -- NEW_CMD...   (loadtest/lib.sh)
 
 import { envNum, envSecs, envStr, embed, parseSplit, splitThresholds, baseOptions, summaryOutputs, waitForT0 } from './lib/common.js';
 
