@@ -412,6 +412,38 @@ lt_drive_proxy_upgrade() {
     if [[ -n "$health" ]]; then lt_wait_http "$health" 10 || return 1; fi
 }
 
+# lt_served_cert_fingerprint HOST:PORT [SNI]: SHA-256 fingerprint of the
+# certificate a new TLS handshake gets (no verification: this only looks).
+lt_served_cert_fingerprint() {
+    local hp="$1" sni="${2:-localhost}"
+    openssl s_client -connect "$hp" -servername "$sni" </dev/null 2>/dev/null |
+        openssl x509 -noout -fingerprint -sha256 2>/dev/null | cut -d= -f2
+}
+
+# lt_drive_cert_rotation CERT_DIR HOST:PORT [SNI]: at T0+BEFORE issue a new
+# server certificate in CERT_DIR (certs/gen-dev-certs --renew-server, same
+# CA), then wait up to ROTATE_TIMEOUT (5 s) until a new handshake on
+# HOST:PORT serves it. Run k6's steady scenario alongside to prove that no
+# request fails and open connections survive.
+lt_drive_cert_rotation() {
+    local dir="$1" hp="$2" sni="${3:-localhost}" t0 before old want got deadline
+    t0="$(_lt_t0)" || return 1
+    before="$(_lt_secs "${BEFORE:-15}")" || return 1
+    old="$(lt_served_cert_fingerprint "$hp" "$sni")"
+    [[ -n "$old" ]] || { lt_die "no TLS handshake on $hp"; return 1; }
+    lt_sleep_until "$t0" "$before"
+    "$LT_ROOT/certs/gen-dev-certs" --quiet --out "$dir" --renew-server || return 1
+    want="$(openssl x509 -in "$dir/server.pem" -noout -fingerprint -sha256 | cut -d= -f2)"
+    lt_log "rotated the certificate in $dir: ${old:0:11}... -> ${want:0:11}..."
+    deadline=$(($(lt_now_ms) + $(awk -v t="${ROTATE_TIMEOUT:-5}" 'BEGIN { printf "%.0f", t * 1000 }')))
+    while :; do
+        got="$(lt_served_cert_fingerprint "$hp" "$sni")"
+        [[ "$got" == "$want" ]] && { lt_log "new handshakes get the new certificate"; return 0; }
+        (($(lt_now_ms) < deadline)) || { lt_die "$hp still serves ${got:0:11}... ${ROTATE_TIMEOUT:-5}s after the rotation"; return 1; }
+        sleep 0.2
+    done
+}
+
 # --- oha ---------------------------------------------------------------------
 
 # lt_oha_check RESULT_JSON MAX_ERROR_RATE [MAX_P99_MS]: judge an oha
@@ -477,6 +509,8 @@ Scenario drivers (timed from T0_MS, with the k6 scripts' variables)
   lt_drive_drain ADMIN_URL ADDRESS                              BEFORE, DRAINED, DRAIN_WAIT
   lt_drive_backend_kill PID|PIDFILE [READY_URL] -- CMD...       BEFORE, KILLED
   lt_drive_proxy_upgrade OLD_PID [HEALTH_URL] -- CMD...         BEFORE, HANDOFF_DELAY, LT_NEW_PIDFILE
+  lt_drive_cert_rotation CERT_DIR HOST:PORT [SNI]               BEFORE, ROTATE_TIMEOUT (with steady.js)
+  lt_served_cert_fingerprint HOST:PORT [SNI]
 oha
   lt_oha_check RESULT_JSON MAX_ERROR_RATE [MAX_P99_MS]
 EOF

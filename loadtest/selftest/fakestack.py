@@ -349,6 +349,20 @@ def run_proxy(args):
         threading.Thread(target=admin.serve_forever, daemon=True).start()
     threading.Thread(target=health_loop, args=(state, stop), daemon=True).start()
 
+    def cert_watch():
+        # New handshakes get a rotated pair; open connections keep theirs.
+        seen = None
+        while not stop.is_set():
+            try:
+                key = (os.stat(args.cert).st_mtime_ns, os.stat(args.key).st_mtime_ns)
+                if seen is not None and key != seen:
+                    ctx.load_cert_chain(args.cert, args.key)
+                seen = key
+            except (OSError, ssl.SSLError) as e:
+                print(f"fake proxy: keeping the old certificate: {e}", file=sys.stderr)
+            stop.wait(0.2)
+    threading.Thread(target=cert_watch, daemon=True).start()
+
     def on_quit(*_):
         def handover():
             quitting.set()
