@@ -8,8 +8,10 @@
 STACK_RUN=${STACK_RUN:-.run}
 STACK_CONFIG=$STACK_RUN/switchyard.toml
 STACK_PORTS=(6399 9101 9102 9201 8443 9901)
+STACK_CERT_DIR=certs
 STACK_PIDS=()
 declare -A STACK_PID_OF=()
+declare -A STACK_ADDR_OF=([blue-1]=127.0.0.1:9101 [blue-2]=127.0.0.1:9102 [green-1]=127.0.0.1:9201)
 export SWITCHYARD_ADMIN_URL=http://127.0.0.1:9901
 export SWITCHYARD_URL=https://localhost:8443
 export SWITCHYARD_CA=certs/ca.pem
@@ -50,15 +52,16 @@ stack_spawn() { # name, then the command
 
 # Starts (or restarts, after a kill) one backend of the fixed fleet.
 stack_backend() { # name
-  local port version
-  case $1 in
-    blue-1) port=9101 version=blue-v1 ;;
-    blue-2) port=9102 version=blue-v1 ;;
-    green-1) port=9201 version=green-v1 ;;
-    *) stack_log "unknown backend $1"; return 1 ;;
-  esac
-  stack_spawn "$1" target/release/switchyard-backend --listen "127.0.0.1:$port" \
-    --instance "$1" --version "$version" --redis-url redis://127.0.0.1:6399
+  local addr=${STACK_ADDR_OF[$1]:?unknown backend $1}
+  stack_spawn "$1" target/release/switchyard-backend --listen "$addr" \
+    --instance "$1" --version "${1%-*}-v1" --redis-url redis://127.0.0.1:6399
+}
+
+# The copy lives in another directory than config/, so its relative paths
+# are made absolute: certificates from certs/, run files into STACK_RUN.
+stack_copy_config() {
+  sed -e "s#\"\.\./\.run#\"$PWD/$STACK_RUN#" -e "s#\"\.\./#\"$PWD/#" \
+    config/switchyard.toml >"$STACK_CONFIG"
 }
 
 stack_proxy() { # extra switchyard run arguments (e.g. --upgrade)
@@ -72,14 +75,14 @@ stack_start() {
   stack_backend blue-1
   stack_backend blue-2
   stack_backend green-1
-  [[ -f $STACK_CONFIG ]] || cp config/switchyard.toml "$STACK_CONFIG"
+  [[ -f $STACK_CONFIG ]] || stack_copy_config
   [[ -f $STACK_RUN/admin-token ]] || (umask 077 && openssl rand -hex 16 >"$STACK_RUN/admin-token")
   SWITCHYARD_ADMIN_TOKEN=$(cat "$STACK_RUN/admin-token")
   export SWITCHYARD_ADMIN_TOKEN
   stack_proxy
-  local port
-  for port in 9101 9102 9201; do
-    stack_wait "backend :$port" 180 curl -sf "http://127.0.0.1:$port/health/ready"
+  local addr
+  for addr in "${STACK_ADDR_OF[@]}"; do
+    stack_wait "backend $addr" 180 curl -sf "http://$addr/health/ready"
   done
   stack_wait "the proxy" 60 curl -sf --cacert "$SWITCHYARD_CA" "$SWITCHYARD_URL/v1/embeddings" \
     -H 'content-type: application/json' -d '{"input":"hello"}'
