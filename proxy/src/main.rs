@@ -1,1 +1,88 @@
-fn main() {}
+//! The `switchyard` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::config::Config;
+use switchyard::server::{self, RunOptions};
+
+/// Layer-7 TLS load balancer for ML inference fleets.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Take over the listening sockets of a running instance (started
+        /// with the same config); send that instance SIGQUIT afterwards.
+        #[arg(long)]
+        upgrade: bool,
+        /// Detach and run in the background (pid file in server.run_dir).
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Validate a configuration file and print what it sets up.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run {
+            config,
+            upgrade,
+            daemon,
+        } => {
+            init_logging();
+            match server::run(&config, RunOptions { upgrade, daemon }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            print!("{}: ok\n{}", path.display(), config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// JSON lines on stderr. `RUST_LOG` filters as usual; the access log is
+/// the `switchyard::access` target (`RUST_LOG=info,switchyard::access=off`
+/// silences it).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

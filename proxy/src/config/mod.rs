@@ -1,0 +1,403 @@
+//! The configuration file: one TOML document, strictly parsed.
+//!
+//! Every key is documented in `config/switchyard.toml` and `config/README.md`.
+//! Loading is two steps: serde (types, unknown keys, durations) and then
+//! [`validate`] (cross-field rules). Both report the file, the key path and
+//! the line of every problem.
+
+mod duration;
+mod error;
+mod locate;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::{ConfigError, ConfigErrors};
+pub use locate::KeyPath;
+
+/// A validated configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    pub listeners: Listeners,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub health: HealthSection,
+    #[serde(default)]
+    pub passive: PassiveSection,
+    #[serde(default)]
+    pub timeouts: TimeoutSection,
+    #[serde(default)]
+    pub retry: RetrySection,
+    #[serde(default)]
+    pub limits: LimitSection,
+    #[serde(default)]
+    pub response_headers: ResponseHeaders,
+    pub pools: BTreeMap<String, PoolSpec>,
+    pub routes: Vec<RouteSpec>,
+}
+
+/// Process-level settings handed to Pingora's `ServerConf`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// After SIGTERM/SIGQUIT, how long in-flight requests may still run.
+    #[serde(with = "duration")]
+    pub grace_period: Duration,
+    /// After the grace period, how long services get to stop.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Holds the pid file and the graceful-upgrade socket.
+    pub run_dir: PathBuf,
+    /// Where runtime state (drains) is persisted.
+    pub state_file: PathBuf,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            grace_period: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(5),
+            run_dir: PathBuf::from(".run"),
+            state_file: PathBuf::from(".run/state.json"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    pub https: HttpsListener,
+    pub http: Option<HttpListener>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsListener {
+    pub address: SocketAddr,
+    /// PEM certificate chain, relative to the config file's directory.
+    pub cert: PathBuf,
+    /// PEM private key matching `cert`.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpListener {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub mode: HttpMode,
+}
+
+/// What the plain-HTTP listener does with a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    /// Answer with a 308 to the same URL on the HTTPS listener.
+    #[default]
+    Redirect,
+    /// Proxy the request like the HTTPS listener does.
+    Serve,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub address: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub path: String,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive passing checks before a backend takes traffic.
+    pub rise: u32,
+    /// Consecutive failing checks before a backend stops taking traffic.
+    pub fall: u32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            path: "/health/ready".to_string(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+impl HealthSection {
+    /// Readiness reports older than this no longer count towards load.
+    pub fn report_ttl(&self) -> Duration {
+        self.interval * 3
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveSection {
+    /// Consecutive connect failures or 5xx answers that eject a backend; 0 disables.
+    pub failures: u32,
+    #[serde(with = "duration")]
+    pub ejection_base: Duration,
+    #[serde(with = "duration")]
+    pub ejection_max: Duration,
+}
+
+impl Default for PassiveSection {
+    fn default() -> Self {
+        Self {
+            failures: 3,
+            ejection_base: Duration::from_secs(5),
+            ejection_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutSection {
+    /// TCP connect to a backend.
+    #[serde(with = "duration")]
+    pub connect: Duration,
+    /// Longest wait for any single read from a backend.
+    #[serde(with = "duration")]
+    pub read: Duration,
+    /// Budget of a whole request, retries included.
+    #[serde(with = "duration")]
+    pub total: Duration,
+    /// How long an idle upstream keep-alive connection is kept for reuse.
+    #[serde(with = "duration")]
+    pub upstream_idle: Duration,
+}
+
+impl Default for TimeoutSection {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            read: Duration::from_secs(30),
+            total: Duration::from_secs(60),
+            upstream_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySection {
+    /// Further attempts after the first, each on a backend not yet tried.
+    pub retries: u32,
+    /// Request bodies up to this size are kept so a 503 can be retried.
+    pub buffer_body_max: usize,
+}
+
+/// Pingora keeps at most this many body bytes for replay on retry.
+pub const PINGORA_RETRY_BUFFER: usize = 64 * 1024;
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            buffer_body_max: PINGORA_RETRY_BUFFER,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSection {
+    /// Larger request bodies get 413.
+    pub max_body_bytes: u64,
+    /// Larger request heads (request line plus headers) get 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for LimitSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 8 * 1024 * 1024,
+            max_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// Which identifying headers are added to responses.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseHeaders {
+    /// `x-switchyard-pool`
+    pub pool: bool,
+    /// `x-switchyard-backend`
+    pub backend: bool,
+}
+
+impl Default for ResponseHeaders {
+    fn default() -> Self {
+        Self {
+            pool: true,
+            backend: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// `ip:port` or `host:port`; names are resolved once, at load time.
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// The socket address `address` resolved to; runtime state is keyed by it.
+    #[serde(skip)]
+    pub socket: Option<SocketAddr>,
+}
+
+impl BackendSpec {
+    /// The resolved address. Validation guarantees it is set.
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.socket
+            .expect("validated backend has a resolved address")
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Exact host (`api.example.com`) or one-level wildcard (`*.example.com`).
+    pub host: Option<String>,
+    #[serde(default = "slash")]
+    pub path_prefix: String,
+    /// Shorthand for `split = { <pool> = 100 }`.
+    pub pool: Option<String>,
+    /// Pool name to weight; a pool is drawn by weight per request.
+    pub split: Option<BTreeMap<String, u32>>,
+}
+
+fn slash() -> String {
+    "/".to_string()
+}
+
+impl RouteSpec {
+    /// The effective split: `pool = "x"` is `split = { x = 100 }`.
+    pub fn effective_split(&self) -> Vec<(String, u32)> {
+        match (&self.pool, &self.split) {
+            (Some(pool), _) => vec![(pool.clone(), 100)],
+            (None, Some(split)) => split.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::single(ConfigError::file_level(
+                path,
+                format!("cannot read config file: {e}"),
+            ))
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`, reporting errors against `path`.
+    /// Relative paths inside are resolved against `path`'s directory.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let source = locate::Source::new(text);
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigErrors::single(ConfigError::from_toml(path, &source, &e)))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let problems = validate::validate(&mut config, base);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors::from_problems(path, &source, problems))
+        }
+    }
+
+    /// Every distinct backend socket address in the configuration.
+    pub fn backend_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> = self
+            .pools
+            .values()
+            .flat_map(|p| p.backends.iter().map(BackendSpec::socket_addr))
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    /// A human summary for `switchyard check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let l = &self.listeners;
+        let _ = writeln!(out, "https listener: {}", l.https.address);
+        if let Some(http) = &l.http {
+            let _ = writeln!(out, "http listener:  {} ({:?})", http.address, http.mode);
+        }
+        let _ = writeln!(out, "admin listener: {}", self.admin.address);
+        for (name, pool) in &self.pools {
+            let _ = writeln!(out, "pool {name}: {} backend(s)", pool.backends.len());
+            for b in &pool.backends {
+                let _ = writeln!(
+                    out,
+                    "  {} -> {} weight {}",
+                    b.address,
+                    b.socket_addr(),
+                    b.weight
+                );
+            }
+        }
+        for r in &self.routes {
+            let split: Vec<String> = r
+                .effective_split()
+                .iter()
+                .map(|(p, w)| format!("{p}={w}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "route host={} path_prefix={} -> {}",
+                r.host.as_deref().unwrap_or("*"),
+                r.path_prefix,
+                split.join(",")
+            );
+        }
+        out
+    }
+}

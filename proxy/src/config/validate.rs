@@ -1,0 +1,278 @@
+//! Cross-field rules that serde cannot express.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use super::error::Problem;
+use super::locate::KeyPath;
+use super::{Config, PoolSpec, RouteSpec, PINGORA_RETRY_BUFFER};
+use crate::tls::{self, KeyPairFile};
+
+/// Checks `config`, resolving relative paths against `base` and backend
+/// names to socket addresses. Returns every problem found.
+pub(super) fn validate(config: &mut Config, base: &Path) -> Vec<Problem> {
+    let mut v = Validator::default();
+    v.server(config, base);
+    v.tls(config, base);
+    v.health(config);
+    v.passive(config);
+    v.timeouts(config);
+    v.retry(config);
+    v.limits(config);
+    v.pools(config);
+    v.routes(config);
+    v.problems
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn fail(&mut self, path: KeyPath, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path,
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, ok: bool, path: &[&str], message: &str) {
+        if !ok {
+            let p = path.iter().fold(KeyPath::root(), |p, k| p.key(k));
+            self.fail(p, message);
+        }
+    }
+
+    fn server(&mut self, c: &mut Config, base: &Path) {
+        let s = &mut c.server;
+        s.run_dir = base.join(&s.run_dir);
+        s.state_file = base.join(&s.state_file);
+        let threads = s.threads;
+        self.check(threads >= 1, &["server", "threads"], "must be at least 1");
+    }
+
+    fn tls(&mut self, c: &mut Config, base: &Path) {
+        let https = &mut c.listeners.https;
+        https.cert = base.join(&https.cert);
+        https.key = base.join(&https.key);
+        if let Err(e) = tls::load_key_pair(&https.cert, &https.key) {
+            let key = match e.file {
+                KeyPairFile::Cert => "cert",
+                KeyPairFile::Key => "key",
+            };
+            let path = KeyPath::root().key("listeners").key("https").key(key);
+            self.fail(path, e.message);
+        }
+    }
+
+    fn health(&mut self, c: &Config) {
+        let h = &c.health;
+        self.check(
+            h.path.starts_with('/'),
+            &["health", "path"],
+            "must start with '/'",
+        );
+        self.check(
+            !h.interval.is_zero(),
+            &["health", "interval"],
+            "must be greater than 0",
+        );
+        self.check(
+            !h.timeout.is_zero(),
+            &["health", "timeout"],
+            "must be greater than 0",
+        );
+        self.check(h.rise >= 1, &["health", "rise"], "must be at least 1");
+        self.check(h.fall >= 1, &["health", "fall"], "must be at least 1");
+    }
+
+    fn passive(&mut self, c: &Config) {
+        let p = &c.passive;
+        self.check(
+            !p.ejection_base.is_zero(),
+            &["passive", "ejection_base"],
+            "must be greater than 0",
+        );
+        self.check(
+            p.ejection_max >= p.ejection_base,
+            &["passive", "ejection_max"],
+            "must not be shorter than passive.ejection_base",
+        );
+    }
+
+    fn timeouts(&mut self, c: &Config) {
+        let t = &c.timeouts;
+        for (key, d) in [
+            ("connect", t.connect),
+            ("read", t.read),
+            ("total", t.total),
+            ("upstream_idle", t.upstream_idle),
+        ] {
+            self.check(!d.is_zero(), &["timeouts", key], "must be greater than 0");
+        }
+        self.check(
+            t.total >= t.connect,
+            &["timeouts", "total"],
+            "must not be shorter than timeouts.connect",
+        );
+    }
+
+    fn retry(&mut self, c: &Config) {
+        let r = &c.retry;
+        self.check(r.retries <= 10, &["retry", "retries"], "must be at most 10");
+        let msg = format!(
+            "must be at most {PINGORA_RETRY_BUFFER}: Pingora replays at most that many body bytes on retry"
+        );
+        self.check(
+            r.buffer_body_max <= PINGORA_RETRY_BUFFER,
+            &["retry", "buffer_body_max"],
+            &msg,
+        );
+    }
+
+    fn limits(&mut self, c: &Config) {
+        let l = &c.limits;
+        self.check(
+            l.max_body_bytes >= 1,
+            &["limits", "max_body_bytes"],
+            "must be at least 1",
+        );
+        self.check(
+            l.max_header_bytes >= 1024,
+            &["limits", "max_header_bytes"],
+            "must be at least 1024",
+        );
+    }
+
+    fn pools(&mut self, c: &mut Config) {
+        let root = KeyPath::root().key("pools");
+        if c.pools.is_empty() {
+            self.fail(root.clone(), "at least one pool is required");
+        }
+        for (name, pool) in c.pools.iter_mut() {
+            let path = root.key(name);
+            if !is_valid_name(name) {
+                self.fail(
+                    path.clone(),
+                    format!("pool name '{name}' may only use letters, digits, '-' and '_'"),
+                );
+            }
+            self.pool(name, pool, &path);
+        }
+    }
+
+    fn pool(&mut self, name: &str, pool: &mut PoolSpec, path: &KeyPath) {
+        let list = path.key("backends");
+        if pool.backends.is_empty() {
+            self.fail(list.clone(), format!("pool '{name}' has no backends"));
+            return;
+        }
+        let mut seen: HashSet<SocketAddr> = HashSet::new();
+        for (i, b) in pool.backends.iter_mut().enumerate() {
+            let at = list.index(i).key("address");
+            match resolve(&b.address) {
+                Ok(addr) => {
+                    b.socket = Some(addr);
+                    if !seen.insert(addr) {
+                        let msg = format!("duplicate backend {addr} in pool '{name}'");
+                        self.fail(at, msg);
+                    }
+                }
+                Err(msg) => self.fail(at, msg),
+            }
+        }
+        if pool.backends.iter().all(|b| b.weight == 0) {
+            let msg = format!("pool '{name}' needs at least one backend with weight > 0");
+            self.fail(list.index(0).key("weight"), msg);
+        }
+    }
+
+    fn routes(&mut self, c: &Config) {
+        let root = KeyPath::root().key("routes");
+        if c.routes.is_empty() {
+            self.fail(root.clone(), "at least one [[routes]] entry is required");
+        }
+        for (i, route) in c.routes.iter().enumerate() {
+            self.route(c, route, &root.index(i));
+        }
+    }
+
+    fn route(&mut self, c: &Config, r: &RouteSpec, path: &KeyPath) {
+        if let Some(host) = &r.host {
+            if !is_valid_host_pattern(host) {
+                let msg = format!(
+                    "host '{host}' must be a host name or '*.' followed by a domain, without port"
+                );
+                self.fail(path.key("host"), msg);
+            }
+        }
+        if !r.path_prefix.starts_with('/') {
+            self.fail(path.key("path_prefix"), "must start with '/'");
+        }
+        match (&r.pool, &r.split) {
+            (Some(_), Some(_)) => {
+                self.fail(path.key("split"), "set either 'pool' or 'split', not both");
+            }
+            (None, None) => self.fail(path.clone(), "route needs 'pool' or 'split'"),
+            (Some(pool), None) => self.pool_ref(c, pool, path.key("pool")),
+            (None, Some(split)) => {
+                for pool in split.keys() {
+                    self.pool_ref(c, pool, path.key("split").key(pool));
+                }
+                if split.values().all(|w| *w == 0) {
+                    let msg = "split needs at least one pool with weight > 0";
+                    self.fail(path.key("split"), msg);
+                }
+            }
+        }
+    }
+
+    fn pool_ref(&mut self, c: &Config, pool: &str, path: KeyPath) {
+        if !c.pools.contains_key(pool) {
+            let known: Vec<&str> = c.pools.keys().map(String::as_str).collect();
+            let msg = format!(
+                "unknown pool '{pool}' (defined pools: {})",
+                known.join(", ")
+            );
+            self.fail(path, msg);
+        }
+    }
+}
+
+/// Resolves `host:port` once; runtime state is keyed by the result.
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if !address.contains(':') {
+        return Err(format!(
+            "backend address '{address}' needs a port, like '127.0.0.1:9101'"
+        ));
+    }
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("backend address '{address}' resolved to nothing")),
+        Err(e) => Err(format!("cannot resolve backend address '{address}': {e}")),
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn is_valid_host_pattern(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}

@@ -1,0 +1,257 @@
+//! Active health checks: every backend's readiness endpoint is polled in
+//! parallel each interval; its JSON report feeds routing and metrics.
+//!
+//! A check passes on 200 with a report that does not say `ready: false`.
+//! An explicit not-ready answer (503, or `ready: false`) takes the backend
+//! out of rotation at once, because the backend itself said so; network
+//! failures and timeouts take it out after `fall` in a row. Either way it
+//! returns only after `rise` consecutive passes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::upstreams::peer::HttpPeer;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+use crate::config::HealthSection;
+use crate::routing::{clock, Backend};
+use crate::shared::Shared;
+
+/// Reports larger than this are cut off (and then fail to parse).
+const MAX_REPORT_BYTES: usize = 64 * 1024;
+
+/// The readiness report (see the backend contract). Unknown fields are
+/// accepted: the contract may grow optional fields.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct Report {
+    pub status: Option<String>,
+    pub ready: Option<bool>,
+    pub version: Option<String>,
+    pub model: Option<String>,
+    pub queue_depth: Option<u32>,
+    pub queue_capacity: Option<u32>,
+    pub in_flight: Option<u32>,
+    pub cache_hit_rate: Option<f64>,
+    pub cache: Option<String>,
+    pub uptime_s: Option<f64>,
+}
+
+/// Per-backend check bookkeeping, owned by the checker.
+#[derive(Debug, Default)]
+pub struct Progress {
+    passes: u32,
+    failures: u32,
+    /// The latest report received, with the clock time it arrived.
+    pub last_report: Option<(Report, u64)>,
+    /// Why the latest check did not pass, if it did not.
+    pub last_error: Option<String>,
+}
+
+/// What one check found.
+#[derive(Debug)]
+pub enum Outcome {
+    Pass(Option<Report>),
+    /// The backend answered, but not ready (503 or `ready: false`).
+    NotReady(Option<Report>, String),
+    /// No usable answer: connect error, timeout, broken response.
+    Fail(String),
+}
+
+/// Runs one check against `addr`.
+pub async fn check(connector: &Connector, addr: SocketAddr, cfg: &HealthSection) -> Outcome {
+    match tokio::time::timeout(cfg.timeout, fetch(connector, addr, &cfg.path, cfg.timeout)).await {
+        Err(_) => Outcome::Fail(format!("no answer within {:?}", cfg.timeout)),
+        Ok(Err(e)) => Outcome::Fail(e),
+        Ok(Ok((status, body))) => classify(status, &body),
+    }
+}
+
+async fn fetch(
+    connector: &Connector,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, BytesMut), String> {
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(timeout);
+    peer.options.read_timeout = Some(timeout);
+    peer.options.write_timeout = Some(timeout);
+    let (mut session, _) = connector
+        .get_http_session(&peer)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut req =
+        RequestHeader::build("GET", path.as_bytes(), Some(3)).map_err(|e| e.to_string())?;
+    let host = addr.to_string();
+    for (name, value) in [
+        ("host", host.as_str()),
+        ("user-agent", "switchyard-health"),
+        ("connection", "close"),
+    ] {
+        req.insert_header(name, value).map_err(|e| e.to_string())?;
+    }
+    let io = |e: Box<pingora::Error>| format!("request: {e}");
+    session
+        .write_request_header(Box::new(req))
+        .await
+        .map_err(io)?;
+    session.finish_request_body().await.map_err(io)?;
+    session.read_response_header().await.map_err(io)?;
+    let status = session
+        .response_header()
+        .map(|r| r.status.as_u16())
+        .ok_or("no response header")?;
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session.read_response_body().await.map_err(io)? {
+        if body.len() + chunk.len() > MAX_REPORT_BYTES {
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, body))
+}
+
+fn classify(status: u16, body: &[u8]) -> Outcome {
+    // A backend without a JSON report still passes on 200; it just gives
+    // routing nothing beyond its in-flight count.
+    let report = serde_json::from_slice::<Report>(body).ok();
+    match (status, report) {
+        (200, Some(r)) if r.ready == Some(false) => {
+            Outcome::NotReady(Some(r), "report says ready: false".to_string())
+        }
+        (200, report) => Outcome::Pass(report),
+        (code, report) => {
+            let state = report
+                .as_ref()
+                .and_then(|r| r.status.clone())
+                .unwrap_or_else(|| "no report".to_string());
+            Outcome::NotReady(report, format!("status {code} ({state})"))
+        }
+    }
+}
+
+/// Applies one outcome to `backend`'s state, metrics and logs.
+pub fn apply(backend: &Backend, outcome: Outcome, cfg: &HealthSection) {
+    let now = clock::now_ms();
+    let mut p = backend.progress.lock().expect("progress lock");
+    let (report, error) = match outcome {
+        Outcome::Pass(report) => {
+            backend.metrics.checks_pass.inc();
+            p.failures = 0;
+            p.passes = p.passes.saturating_add(1);
+            backend.set_ready(true);
+            if p.passes >= cfg.rise && backend.set_healthy(true) {
+                tracing::info!(backend = %backend.name, "backend healthy after {} passing checks", p.passes);
+            }
+            if backend.is_healthy() {
+                backend.end_ejection_if_due(now);
+            }
+            (report, None)
+        }
+        Outcome::NotReady(report, why) => {
+            backend.metrics.checks_not_ready.inc();
+            if backend.set_ready(false) {
+                tracing::info!(backend = %backend.name, reason = %why, "backend not ready");
+            }
+            fail(backend, &mut p, cfg, &why);
+            (report, Some(why))
+        }
+        Outcome::Fail(why) => {
+            backend.metrics.checks_fail.inc();
+            fail(backend, &mut p, cfg, &why);
+            (None, Some(why))
+        }
+    };
+    if let Some(r) = report {
+        record_report(backend, &r, now);
+        p.last_report = Some((r, now));
+    }
+    p.last_error = error;
+}
+
+fn fail(backend: &Backend, p: &mut Progress, cfg: &HealthSection, why: &str) {
+    p.passes = 0;
+    p.failures = p.failures.saturating_add(1);
+    if p.failures >= cfg.fall && backend.set_healthy(false) {
+        tracing::warn!(backend = %backend.name, reason = %why, "backend unhealthy after {} failed checks", p.failures);
+    }
+}
+
+fn record_report(backend: &Backend, r: &Report, now: u64) {
+    backend.set_queue_depth(r.queue_depth.unwrap_or(0), now);
+    if let Some(rate) = r.cache_hit_rate {
+        backend.metrics.cache_hit_ratio.set(rate);
+    }
+}
+
+/// Checks every backend once, in parallel, and applies the results.
+pub async fn round(connector: &Arc<Connector>, backends: Vec<Arc<Backend>>, cfg: &HealthSection) {
+    let mut tasks = JoinSet::new();
+    for backend in backends {
+        let (connector, cfg) = (connector.clone(), cfg.clone());
+        tasks.spawn(async move {
+            let outcome = check(&connector, backend.addr, &cfg).await;
+            apply(&backend, outcome, &cfg);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Runs `rise` rounds before the listeners open, so a fresh process (or
+/// one taking over in a graceful upgrade) starts with known-good backends
+/// instead of answering 503 until the checker catches up.
+pub fn warm_up(shared: &Shared) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    rt.block_on(async {
+        let connector = Arc::new(Connector::new(None));
+        let active = shared.active();
+        let cfg = &active.config.health;
+        for i in 0..cfg.rise {
+            if i > 0 {
+                tokio::time::sleep(cfg.interval).await;
+            }
+            round(&connector, active.backends.clone(), cfg).await;
+        }
+    });
+}
+
+/// The background service that keeps checking while the proxy runs.
+pub struct Checker {
+    shared: Arc<Shared>,
+}
+
+impl Checker {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Checker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let connector = Arc::new(Connector::new(None));
+        loop {
+            // Re-read each round: a reload may change backends or interval.
+            let active = self.shared.active();
+            let cfg = active.config.health.clone();
+            let next = tokio::time::Instant::now() + cfg.interval;
+            round(&connector, active.backends.clone(), &cfg).await;
+            drop(active);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Switchyard: a Pingora-based TLS load balancer for inference fleets.
+//!
+//! Modules, in request order: [`config`] (the TOML file), [`tls`] (the
+//! public listener's key pair), [`proxy`] (the `ProxyHttp` hooks),
+//! [`routing`] (routes, splits, weighted least-connections), [`health`]
+//! (active checks), [`metrics`] and [`admin`] (the admin listener);
+//! [`shared`] holds the state they share and [`server`] wires them up.
+
+pub mod admin;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod shared;
+pub mod tls;

@@ -1,0 +1,198 @@
+//! Prometheus metrics. Label lookups happen when pools and backends are
+//! built, never per request: the hot path only touches resolved counters.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Status classes used as the `code_class` label; `none` means no response
+/// reached the client (it went away first).
+pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// Index into [`CODE_CLASSES`] for an HTTP status (0 = nothing sent).
+pub fn code_class(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        500..=599 => 4,
+        _ => 5,
+    }
+}
+
+/// Latency buckets from 1 ms to 30 s: inference calls span that range.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    up: IntGaugeVec,
+    ready: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    cache_hit_ratio: GaugeVec,
+    retries: IntCounterVec,
+    ejections: IntCounterVec,
+    health_checks: IntCounterVec,
+}
+
+/// Per-backend handles, resolved once.
+pub struct BackendMetrics {
+    pub in_flight: IntGauge,
+    pub up: IntGauge,
+    pub ready: IntGauge,
+    pub queue_depth: IntGauge,
+    pub cache_hit_ratio: Gauge,
+    pub ejections: IntCounter,
+    pub checks_pass: IntCounter,
+    pub checks_fail: IntCounter,
+    pub checks_not_ready: IntCounter,
+}
+
+/// Per-pool handles, resolved once.
+pub struct PoolMetrics {
+    pub duration: Histogram,
+    pub retries: IntCounter,
+    /// Requests answered without a backend (`backend="none"`), by class.
+    pub unserved: [IntCounter; 6],
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    register(r, vec)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
+    let vec = IntGaugeVec::new(Opts::new(name, help), &["backend"]).expect("valid metric");
+    register(r, vec)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from request start to the end of the response, by pool.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["pool"],
+        )
+        .expect("valid metric");
+        let cache_hit_ratio = GaugeVec::new(
+            Opts::new(
+                "switchyard_upstream_cache_hit_ratio",
+                "Cache hit rate from the backend's latest readiness report.",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        Self {
+            requests: counter_vec(
+                &r,
+                "switchyard_requests_total",
+                "Requests answered, by pool, backend and status class.",
+                &["pool", "backend", "code_class"],
+            ),
+            duration: register(&r, duration),
+            in_flight: gauge_vec(
+                &r,
+                "switchyard_upstream_in_flight_requests",
+                "Requests in flight through this proxy, per backend.",
+            ),
+            up: gauge_vec(
+                &r,
+                "switchyard_upstream_up",
+                "1 when the backend passes its active health checks.",
+            ),
+            ready: gauge_vec(
+                &r,
+                "switchyard_upstream_ready",
+                "1 when the backend's latest readiness report says ready.",
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "switchyard_upstream_queue_depth",
+                "Queue depth from the backend's latest readiness report.",
+            ),
+            cache_hit_ratio: register(&r, cache_hit_ratio),
+            retries: counter_vec(
+                &r,
+                "switchyard_retries_total",
+                "Requests sent to another backend after a failed attempt, by pool.",
+                &["pool"],
+            ),
+            ejections: counter_vec(
+                &r,
+                "switchyard_upstream_ejections_total",
+                "Passive-check ejections, per backend.",
+                &["backend"],
+            ),
+            health_checks: counter_vec(
+                &r,
+                "switchyard_health_checks_total",
+                "Active health checks by result (pass, not_ready, fail).",
+                &["backend", "result"],
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn backend(&self, backend: &str) -> BackendMetrics {
+        let checks = |result| self.health_checks.with_label_values(&[backend, result]);
+        BackendMetrics {
+            in_flight: self.in_flight.with_label_values(&[backend]),
+            up: self.up.with_label_values(&[backend]),
+            ready: self.ready.with_label_values(&[backend]),
+            queue_depth: self.queue_depth.with_label_values(&[backend]),
+            cache_hit_ratio: self.cache_hit_ratio.with_label_values(&[backend]),
+            ejections: self.ejections.with_label_values(&[backend]),
+            checks_pass: checks("pass"),
+            checks_fail: checks("fail"),
+            checks_not_ready: checks("not_ready"),
+        }
+    }
+
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        PoolMetrics {
+            duration: self.duration.with_label_values(&[pool]),
+            retries: self.retries.with_label_values(&[pool]),
+            unserved: self.requests_by_class(pool, "none"),
+        }
+    }
+
+    /// `switchyard_requests_total` handles for one (pool, backend) pair.
+    pub fn requests_by_class(&self, pool: &str, backend: &str) -> [IntCounter; 6] {
+        CODE_CLASSES.map(|class| self.requests.with_label_values(&[pool, backend, class]))
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}

@@ -1,0 +1,509 @@
+//! The request path: Pingora's `ProxyHttp` hooks.
+//!
+//! Per request: check limits, match a route, draw a pool, pick a backend
+//! (weighted least-connections) and hold a [`Lease`] on it; on a connect
+//! failure, a broken upstream connection or a 503, retry on a backend not
+//! yet tried while the retry budget, the time budget and the replayable
+//! body allow.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+use prometheus::IntCounter;
+
+use crate::metrics::code_class;
+use crate::routing::{Lease, Pool};
+use crate::shared::{Active, Shared};
+
+const REQUEST_ID: &str = "x-request-id";
+/// Longest client-supplied request id that is propagated as is.
+const MAX_REQUEST_ID: usize = 128;
+
+pub struct Switchyard {
+    shared: Arc<Shared>,
+    /// `requests_total{pool="none",backend="none"}`: answered before routing.
+    unrouted: [IntCounter; 6],
+}
+
+impl Switchyard {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let unrouted = shared.metrics.requests_by_class("none", "none");
+        Self { shared, unrouted }
+    }
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    NoBackend,
+    TimeBudget,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    request_id: String,
+    active: Option<Arc<Active>>,
+    pool: Option<Arc<Pool>>,
+    /// The member picked in `request_filter`, used by the first attempt.
+    first_pick: Option<usize>,
+    /// The member of the current (latest) attempt.
+    member: Option<usize>,
+    lease: Option<Lease>,
+    tried: Vec<SocketAddr>,
+    attempts: u32,
+    /// Set when a 503 was turned into a retryable error.
+    retrying_503: bool,
+    refusal: Option<Refusal>,
+    body_bytes: u64,
+}
+
+impl Ctx {
+    fn config(&self) -> &crate::config::Config {
+        &self.active.as_ref().expect("set in request_filter").config
+    }
+
+    fn backend_name(&self) -> &str {
+        self.lease
+            .as_ref()
+            .map_or("", |l| l.backend().name.as_str())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Switchyard {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            request_id: String::new(),
+            active: None,
+            pool: None,
+            first_pick: None,
+            member: None,
+            lease: None,
+            tried: Vec::new(),
+            attempts: 0,
+            retrying_503: false,
+            refusal: None,
+            body_bytes: 0,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.request_id = request_id(session.req_header());
+        let active = self.shared.active();
+        let limits = &active.config.limits;
+        if head_size(session.req_header()) > limits.max_header_bytes {
+            let msg = format!("request headers exceed {} bytes", limits.max_header_bytes);
+            session.set_keepalive(None);
+            respond(session, ctx, 431, "headers_too_large", &msg).await?;
+            return Ok(true);
+        }
+        if content_length(session.req_header()).is_some_and(|n| n > limits.max_body_bytes) {
+            let msg = format!("request body exceeds {} bytes", limits.max_body_bytes);
+            // The unread body would poison a kept-alive connection.
+            session.set_keepalive(None);
+            respond(session, ctx, 413, "body_too_large", &msg).await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
+        let Some(route) = active.router.find(host(req), req.uri.path()) else {
+            let msg = format!("no route for {}", req.uri.path());
+            respond(session, ctx, 404, "no_route", &msg).await?;
+            return Ok(true);
+        };
+        let pool = route.split.draw().clone();
+        match pool.pick(&[]) {
+            Some(i) => {
+                ctx.first_pick = Some(i);
+                ctx.lease = Some(Lease::new(pool.members[i].backend.clone()));
+                ctx.member = Some(i);
+            }
+            None => {
+                ctx.refusal = Some(Refusal::NoBackend);
+                let msg = format!("no healthy backend in pool '{}'", pool.name);
+                ctx.pool = Some(pool);
+                respond(session, ctx, 503, "no_backend", &msg).await?;
+                return Ok(true);
+            }
+        }
+        ctx.pool = Some(pool);
+        ctx.active = Some(active);
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(chunk) = body else { return Ok(()) };
+        ctx.body_bytes += chunk.len() as u64;
+        let max = ctx.config().limits.max_body_bytes;
+        if ctx.body_bytes > max {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                format!("request body exceeds {max} bytes"),
+            );
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let pool = ctx.pool.as_deref().expect("set in request_filter");
+        let timeouts = &ctx.active.as_ref().expect("set").config.timeouts;
+        let Some(left) = timeouts.total.checked_sub(ctx.start.elapsed()) else {
+            ctx.refusal = Some(Refusal::TimeBudget);
+            return Error::e_explain(ErrorType::HTTPStatus(504), "request time budget spent");
+        };
+        let index = match ctx.first_pick.take() {
+            Some(i) => i,
+            None => {
+                let Some(i) = pool.pick(&ctx.tried) else {
+                    ctx.refusal = Some(Refusal::NoBackend);
+                    return Error::e_explain(ErrorType::HTTPStatus(503), "no backend left to try");
+                };
+                pool.metrics.retries.inc();
+                ctx.lease = Some(Lease::new(pool.members[i].backend.clone()));
+                i
+            }
+        };
+        let addr = pool.members[index].backend.addr;
+        ctx.member = Some(index);
+        ctx.tried.push(addr);
+        ctx.attempts += 1;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(timeouts.connect.min(left));
+        o.total_connection_timeout = Some(timeouts.connect.min(left));
+        o.read_timeout = Some(timeouts.read.min(left));
+        o.write_timeout = Some(timeouts.read.min(left));
+        o.idle_timeout = Some(timeouts.upstream_idle);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let forwarded = match upstream.headers.get("x-forwarded-for") {
+                Some(prev) => format!("{}, {ip}", String::from_utf8_lossy(prev.as_bytes())),
+                None => ip.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", forwarded)?;
+        }
+        upstream.insert_header("x-forwarded-proto", scheme(session))?;
+        upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        let backend = ctx
+            .lease
+            .as_ref()
+            .expect("leased in upstream_peer")
+            .backend();
+        // An overload 503 (with Retry-After) is load shedding, not a fault:
+        // ejecting for it would push more load onto the siblings.
+        let overloaded = status == 503 && resp.headers.contains_key("retry-after");
+        if status >= 500 && !overloaded {
+            backend.record_failure(&ctx.config().passive);
+        } else {
+            backend.record_success();
+        }
+        if status == 503 && self.may_retry(session, ctx) {
+            ctx.retrying_503 = true;
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(503),
+                format!("backend {} answered 503", backend.name),
+            );
+            e.set_retry(true);
+            return Err(e.into_up());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let headers = &ctx.config().response_headers;
+        if headers.pool {
+            if let Some(pool) = &ctx.pool {
+                resp.insert_header("x-switchyard-pool", pool.name.as_str())?;
+            }
+        }
+        if headers.backend {
+            resp.insert_header("x-switchyard-backend", ctx.backend_name())?;
+        }
+        resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(lease) = &ctx.lease {
+            lease.backend().record_failure(&ctx.config().passive);
+            e = e.more_context(format!("backend {}", lease.backend().name));
+        }
+        // Nothing reached the backend, so any request may go elsewhere.
+        let retry = self.may_retry(session, ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if std::mem::take(&mut ctx.retrying_503) {
+            return e; // decided in upstream_response_filter
+        }
+        let mut e = e.more_context(format!("backend {}", ctx.backend_name()));
+        let upstream_fault = *e.esource() == ErrorSource::Upstream;
+        // A pooled connection the backend already closed says nothing
+        // about the backend's health.
+        if upstream_fault && !client_reused {
+            if let Some(lease) = &ctx.lease {
+                lease.backend().record_failure(&ctx.config().passive);
+            }
+        }
+        // Inference calls are idempotent, so a request whose response has
+        // not started may be replayed elsewhere, whatever its method. A
+        // timeout is not retried: it would only double the load.
+        let retry = upstream_fault
+            && session.response_written().is_none()
+            && !is_timeout(e.etype())
+            && self.may_retry(session, ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (status, kind, message) = describe_failure(e, ctx);
+        if status > 0 {
+            if let Err(write_err) = respond(session, ctx, status, kind, &message).await {
+                tracing::debug!(error = %write_err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let class = code_class(status);
+        let elapsed = ctx.start.elapsed();
+        let backend = ctx.backend_name().to_string();
+        let served_by = ctx.member.filter(|_| ctx.refusal.is_none());
+        match (&ctx.pool, served_by) {
+            (Some(pool), Some(i)) => pool.members[i].requests[class].inc(),
+            (Some(pool), None) => pool.metrics.unserved[class].inc(),
+            (None, _) => self.unrouted[class].inc(),
+        }
+        if let Some(pool) = &ctx.pool {
+            pool.metrics.duration.observe(elapsed.as_secs_f64());
+        }
+        log_access(session, ctx, status, elapsed, &backend, e);
+        ctx.lease = None;
+    }
+}
+
+impl Switchyard {
+    /// Whether another attempt is allowed: retries left, time left, the
+    /// body still replayable, and an untried eligible backend exists.
+    fn may_retry(&self, session: &Session, ctx: &Ctx) -> bool {
+        let config = ctx.config();
+        let body_fits = !session.as_ref().retry_buffer_truncated()
+            && ctx.body_bytes <= config.retry.buffer_body_max as u64
+            && content_length(session.req_header())
+                .is_none_or(|n| n <= config.retry.buffer_body_max as u64);
+        ctx.attempts <= config.retry.retries
+            && ctx.start.elapsed() < config.timeouts.total
+            && body_fits
+            && ctx
+                .pool
+                .as_ref()
+                .is_some_and(|p| p.pick(&ctx.tried).is_some())
+    }
+}
+
+fn is_timeout(t: &ErrorType) -> bool {
+    matches!(
+        t,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
+/// Status, error type and message for a request that could not be proxied.
+fn describe_failure(e: &Error, ctx: &Ctx) -> (u16, &'static str, String) {
+    let pool = ctx.pool.as_ref().map_or("", |p| p.name.as_str());
+    match (ctx.refusal, e.etype()) {
+        (Some(Refusal::NoBackend), _) => (
+            503,
+            "no_backend",
+            format!("no healthy backend in pool '{pool}'"),
+        ),
+        (Some(Refusal::TimeBudget), _) => (
+            504,
+            "upstream_timeout",
+            "request time budget spent".to_string(),
+        ),
+        (None, ErrorType::HTTPStatus(413)) => (413, "body_too_large", reason(e)),
+        (None, ErrorType::HTTPStatus(code)) => (*code, "upstream_error", reason(e)),
+        (None, t) => match e.esource() {
+            ErrorSource::Upstream if is_timeout(t) => (
+                504,
+                "upstream_timeout",
+                format!("backend {} timed out", ctx.backend_name()),
+            ),
+            ErrorSource::Upstream => (
+                502,
+                "upstream_error",
+                format!("backend {} failed: {}", ctx.backend_name(), t.as_str()),
+            ),
+            ErrorSource::Downstream => match t {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                    (0, "", String::new())
+                }
+                _ => (400, "bad_request", "malformed request".to_string()),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => {
+                (500, "internal_error", "internal proxy error".to_string())
+            }
+        },
+    }
+}
+
+fn reason(e: &Error) -> String {
+    e.context
+        .as_ref()
+        .map_or_else(|| e.etype().as_str().to_string(), |c| c.to_string())
+}
+
+/// Writes a JSON error response in the OpenAI error shape.
+async fn respond(
+    session: &mut Session,
+    ctx: &Ctx,
+    status: u16,
+    kind: &str,
+    message: &str,
+) -> Result<()> {
+    let body = serde_json::json!({ "error": { "message": message, "type": kind } }).to_string();
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// The client's request id if it is sane, else a fresh random one.
+fn request_id(req: &RequestHeader) -> String {
+    let given = req
+        .headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID);
+    match given {
+        Some(id) => id.to_string(),
+        None => format!("{:032x}", rand::random::<u128>()),
+    }
+}
+
+/// Approximate size of the request head as sent on HTTP/1.1.
+fn head_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    req.headers
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The requested host: HTTP/2 `:authority`, else the Host header.
+fn host(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get("host").and_then(|v| v.to_str().ok()))
+}
+
+fn scheme(session: &Session) -> &'static str {
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+fn log_access(
+    session: &Session,
+    ctx: &Ctx,
+    status: u16,
+    elapsed: Duration,
+    backend: &str,
+    e: Option<&Error>,
+) {
+    let req = session.req_header();
+    tracing::info!(
+        target: "switchyard::access",
+        request_id = %ctx.request_id,
+        method = %req.method,
+        path = %req.uri.path(),
+        status,
+        pool = ctx.pool.as_ref().map_or("", |p| p.name.as_str()),
+        backend,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        attempts = ctx.attempts,
+        retries = ctx.attempts.saturating_sub(1),
+        bytes_in = ctx.body_bytes,
+        bytes_out = session.body_bytes_sent(),
+        error = e.map(|e| e.to_string()),
+    );
+}

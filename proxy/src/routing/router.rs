@@ -1,0 +1,202 @@
+//! Route matching and the weighted split between pools.
+//!
+//! Precedence: exact host beats wildcard host beats no host; within that,
+//! the longest `path_prefix` wins; remaining ties go to the earlier route
+//! in the file.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{fastrand, Pool};
+use crate::config::RouteSpec;
+
+/// Splits are resolved over this many buckets (0.01 % granularity).
+pub const BUCKETS: u32 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: any subdomain, not the apex.
+    Suffix(String),
+}
+
+impl HostMatch {
+    fn parse(host: Option<&str>) -> Self {
+        match host {
+            None => HostMatch::Any,
+            Some(h) => match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                None => HostMatch::Exact(h.to_ascii_lowercase()),
+            },
+        }
+    }
+
+    /// `host` has no port and any case.
+    fn matches(&self, host: Option<&str>) -> bool {
+        match (self, host) {
+            (HostMatch::Any, _) => true,
+            (HostMatch::Exact(want), Some(h)) => h.eq_ignore_ascii_case(want),
+            (HostMatch::Suffix(suffix), Some(h)) => {
+                h.len() > suffix.len()
+                    && h.is_char_boundary(h.len() - suffix.len())
+                    && h[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+            (_, None) => false,
+        }
+    }
+
+    /// Sort key: exact first, then longer wildcards, then any host.
+    fn rank(&self) -> (u8, usize) {
+        match self {
+            HostMatch::Exact(_) => (0, 0),
+            HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
+            HostMatch::Any => (2, 0),
+        }
+    }
+}
+
+/// Pools with their weights, laid out as consecutive bucket ranges in
+/// a fixed order (by pool name), so the same bucket keeps landing on the
+/// same pool while weights are unchanged.
+pub struct Split {
+    entries: Vec<SplitEntry>,
+}
+
+pub struct SplitEntry {
+    pub pool: Arc<Pool>,
+    pub weight: u32,
+    /// Exclusive end of this pool's bucket range.
+    bucket_end: u32,
+}
+
+impl Split {
+    fn new(weights: &[(Arc<Pool>, u32)]) -> Self {
+        let total: u64 = weights.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut cumulative = 0u64;
+        let entries = weights
+            .iter()
+            .map(|(pool, weight)| {
+                cumulative += u64::from(*weight);
+                let end = cumulative * u64::from(BUCKETS) / total.max(1);
+                SplitEntry {
+                    pool: pool.clone(),
+                    weight: *weight,
+                    bucket_end: u32::try_from(end).unwrap_or(BUCKETS),
+                }
+            })
+            .collect();
+        Self { entries }
+    }
+
+    pub fn entries(&self) -> &[SplitEntry] {
+        &self.entries
+    }
+
+    /// The pool owning `bucket` (in `0..BUCKETS`).
+    pub fn pool_for_bucket(&self, bucket: u32) -> &Arc<Pool> {
+        let entry = self
+            .entries
+            .iter()
+            .find(|e| bucket < e.bucket_end)
+            .or(self.entries.last())
+            .expect("a validated split has at least one pool");
+        &entry.pool
+    }
+
+    /// A pool drawn at random by weight.
+    pub fn draw(&self) -> &Arc<Pool> {
+        if let [only] = self.entries.as_slice() {
+            return &only.pool;
+        }
+        let bucket = fastrand::below(u64::from(BUCKETS)) as u32;
+        self.pool_for_bucket(bucket)
+    }
+}
+
+pub struct Route {
+    /// `routes[i]`, the label used for this route in metrics and logs.
+    pub name: String,
+    pub host: HostMatch,
+    pub path_prefix: String,
+    pub split: Split,
+}
+
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Builds the routes of a validated configuration over built pools.
+    pub fn build(specs: &[RouteSpec], pools: &BTreeMap<String, Arc<Pool>>) -> Self {
+        let mut routes: Vec<Route> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let weights: Vec<(Arc<Pool>, u32)> = spec
+                    .effective_split()
+                    .into_iter()
+                    .map(|(name, w)| (pools[&name].clone(), w))
+                    .collect();
+                Route {
+                    name: format!("routes[{i}]"),
+                    host: HostMatch::parse(spec.host.as_deref()),
+                    path_prefix: spec.path_prefix.clone(),
+                    split: Split::new(&weights),
+                }
+            })
+            .collect();
+        // Stable sort keeps file order among equals.
+        routes.sort_by_key(|r| (r.host.rank(), usize::MAX - r.path_prefix.len()));
+        Self { routes }
+    }
+
+    /// The first route, in precedence order, matching `host` and `path`.
+    /// `host` may carry a port, which is ignored.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(host) && path.starts_with(&r.path_prefix))
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+/// `example.com:8443` -> `example.com`; `[::1]:8443` -> `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns() {
+        let exact = HostMatch::parse(Some("API.example.com"));
+        assert!(exact.matches(Some("api.EXAMPLE.com")));
+        assert!(!exact.matches(Some("x.api.example.com")));
+        let wild = HostMatch::parse(Some("*.example.com"));
+        assert!(wild.matches(Some("a.example.com")));
+        assert!(wild.matches(Some("a.b.example.com")));
+        assert!(!wild.matches(Some("example.com")));
+        assert!(!wild.matches(None));
+        assert!(HostMatch::Any.matches(None));
+    }
+
+    #[test]
+    fn ports_are_ignored() {
+        assert_eq!(strip_port("example.com:8443"), "example.com");
+        assert_eq!(strip_port("[::1]:8443"), "[::1]");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

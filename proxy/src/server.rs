@@ -1,0 +1,118 @@
+//! Assembles the Pingora server from a validated configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use pingora::apps::http_app::HttpServer;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
+
+use crate::admin::{Admin, Redirect};
+use crate::config::{Config, HttpMode};
+use crate::health::{self, Checker};
+use crate::proxy::Switchyard;
+use crate::shared::Shared;
+use crate::tls::{self, CertStore};
+
+/// How `run` was asked to start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Take the listening sockets over from a running instance.
+    pub upgrade: bool,
+    /// Detach into the background.
+    pub daemon: bool,
+}
+
+/// Loads `config_path`, builds every service and serves until shutdown.
+pub fn run(config_path: &Path, options: RunOptions) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    std::fs::create_dir_all(&config.server.run_dir)
+        .with_context(|| format!("creating run_dir {}", config.server.run_dir.display()))?;
+    let https = config.listeners.https.clone();
+    let pair = tls::load_key_pair(&https.cert, &https.key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server_conf = server_conf(&config, options);
+    let shared = Shared::new(config, config_path.to_path_buf());
+    health::warm_up(&shared);
+
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+    add_services(&mut server, &shared, CertStore::new(pair));
+    tracing::info!(config = %config_path.display(), "switchyard starting");
+    server.run_forever()
+}
+
+fn server_conf(config: &Config, options: RunOptions) -> ServerConf {
+    let s = &config.server;
+    let path = |name: &str| s.run_dir.join(name).to_string_lossy().into_owned();
+    ServerConf {
+        threads: s.threads,
+        daemon: options.daemon,
+        pid_file: path("switchyard.pid"),
+        upgrade_sock: path("upgrade.sock"),
+        grace_period_seconds: Some(ceil_secs(s.grace_period)),
+        graceful_shutdown_timeout_seconds: Some(ceil_secs(s.shutdown_timeout)),
+        // Retries are decided per request in `Switchyard`; this only caps
+        // Pingora's loop above the largest allowed `retry.retries`.
+        max_retries: 16,
+        ..ServerConf::default()
+    }
+}
+
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn add_services(server: &mut Server, shared: &Arc<Shared>, certs: Arc<CertStore>) {
+    let conf = server.configuration.clone();
+    let active = shared.active();
+    let l = &active.config.listeners;
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &conf,
+        Switchyard::new(shared.clone()),
+        "switchyard proxy",
+    );
+    let https = &l.https;
+    proxy.add_tls_with_settings(
+        &https.address.to_string(),
+        None,
+        certs.listener_settings(&https.cert, &https.key),
+    );
+    if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Serve) {
+        proxy.add_tcp(&http.address.to_string());
+    }
+    server.add_service(proxy);
+
+    if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Redirect) {
+        let redirect = Redirect {
+            https_port: https.address.port(),
+        };
+        let mut service = Service::new(
+            "switchyard http redirect".into(),
+            HttpServer::new_app(redirect),
+        );
+        service.add_tcp(&http.address.to_string());
+        service.threads = Some(1);
+        server.add_service(service);
+    }
+
+    let mut admin = Service::new(
+        "switchyard admin".into(),
+        HttpServer::new_app(Admin::new(shared.clone())),
+    );
+    admin.add_tcp(&active.config.admin.address.to_string());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "switchyard health",
+        Checker::new(shared.clone()),
+    ));
+}

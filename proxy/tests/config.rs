@@ -1,0 +1,336 @@
+//! `switchyard check`: every invalid configuration is refused with a
+//! message naming the file, the line and the key path, and a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn check(config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run switchyard check")
+}
+
+/// A valid configuration; the cases below edit it.
+const BASE: &str = r#"[server]
+grace_period = "10s"
+run_dir = "run"
+
+[listeners.https]
+address = "127.0.0.1:8443"
+cert = "cert.pem"
+key = "key.pem"
+
+[health]
+interval = "1s"
+
+[passive]
+ejection_base = "5s"
+
+[retry]
+retries = 2
+
+[pools.blue]
+backends = [
+  { address = "127.0.0.1:9101", weight = 1 },
+  { address = "127.0.0.1:9102", weight = 1 },
+]
+
+[pools.green]
+backends = [{ address = "127.0.0.1:9201" }]
+
+[[routes]]
+path_prefix = "/"
+pool = "blue"
+"#;
+
+struct Case {
+    name: &'static str,
+    /// (text to replace in BASE, replacement)
+    edit: (&'static str, &'static str),
+    key: &'static str,
+    /// The error's line is the first line of the edited file containing this.
+    line_of: &'static str,
+    message: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "unknown key",
+        edit: ("interval = \"1s\"", "interval = \"1s\"\nintervall = \"2s\""),
+        key: "health.intervall",
+        line_of: "intervall",
+        message: "unknown field `intervall`",
+    },
+    Case {
+        name: "unknown section",
+        edit: ("[retry]", "[retries]"),
+        key: "retries",
+        line_of: "[retries]",
+        message: "unknown field `retries`",
+    },
+    Case {
+        name: "duration without unit",
+        edit: ("interval = \"1s\"", "interval = \"5\""),
+        key: "health.interval",
+        line_of: "interval",
+        message: "invalid duration \"5\"",
+    },
+    Case {
+        name: "duration as a number",
+        edit: ("grace_period = \"10s\"", "grace_period = 10"),
+        key: "server.grace_period",
+        line_of: "grace_period",
+        message: "expected a duration string",
+    },
+    Case {
+        name: "duplicate backend",
+        edit: ("9102", "9101"),
+        key: "pools.blue.backends[1].address",
+        line_of: "9101\", weight = 1 },\n]",
+        message: "duplicate backend 127.0.0.1:9101 in pool 'blue'",
+    },
+    Case {
+        name: "negative weight",
+        edit: ("9101\", weight = 1", "9101\", weight = -1"),
+        key: "pools.blue.backends[0].weight",
+        line_of: "weight = -1",
+        message: "invalid value: integer `-1`",
+    },
+    Case {
+        name: "all weights zero",
+        edit: (
+            "{ address = \"127.0.0.1:9201\" }",
+            "{ address = \"127.0.0.1:9201\", weight = 0 }",
+        ),
+        key: "pools.green.backends[0].weight",
+        line_of: "weight = 0",
+        message: "needs at least one backend with weight > 0",
+    },
+    Case {
+        name: "backend without port",
+        edit: ("127.0.0.1:9201", "127.0.0.1"),
+        key: "pools.green.backends[0].address",
+        line_of: "\"127.0.0.1\"",
+        message: "needs a port",
+    },
+    Case {
+        name: "unknown pool in route",
+        edit: ("pool = \"blue\"", "pool = \"purple\""),
+        key: "routes[0].pool",
+        line_of: "purple",
+        message: "unknown pool 'purple'",
+    },
+    Case {
+        name: "unknown pool in split",
+        edit: ("pool = \"blue\"", "split = { blue = 90, purple = 10 }"),
+        key: "routes[0].split.purple",
+        line_of: "purple",
+        message: "unknown pool 'purple'",
+    },
+    Case {
+        name: "pool and split together",
+        edit: ("pool = \"blue\"", "pool = \"blue\"\nsplit = { blue = 100 }"),
+        key: "routes[0].split",
+        line_of: "split",
+        message: "set either 'pool' or 'split'",
+    },
+    Case {
+        name: "route without pool",
+        edit: ("pool = \"blue\"", ""),
+        key: "routes[0]",
+        line_of: "[[routes]]",
+        message: "route needs 'pool' or 'split'",
+    },
+    Case {
+        name: "no routes",
+        edit: ("[[routes]]\npath_prefix = \"/\"\npool = \"blue\"\n", ""),
+        key: "",
+        line_of: "[server]",
+        message: "missing field `routes`",
+    },
+    Case {
+        name: "bad listen address",
+        edit: ("127.0.0.1:8443", "localhost"),
+        key: "listeners.https.address",
+        line_of: "address = \"localhost\"",
+        message: "invalid socket address",
+    },
+    Case {
+        name: "missing certificate",
+        edit: ("cert.pem", "nope.pem"),
+        key: "listeners.https.cert",
+        line_of: "nope.pem",
+        message: "cannot read certificate",
+    },
+    Case {
+        name: "certificate file is not PEM",
+        edit: ("cert = \"cert.pem\"", "cert = \"garbage.pem\""),
+        key: "listeners.https.cert",
+        line_of: "garbage.pem",
+        message: "no PEM certificate found",
+    },
+    Case {
+        name: "key does not match the certificate",
+        edit: ("key = \"key.pem\"", "key = \"other/key.pem\""),
+        key: "listeners.https.key",
+        line_of: "other/key.pem",
+        message: "does not fit certificate",
+    },
+    Case {
+        name: "retry buffer beyond Pingora's",
+        edit: ("retries = 2", "retries = 2\nbuffer_body_max = 1000000"),
+        key: "retry.buffer_body_max",
+        line_of: "buffer_body_max",
+        message: "must be at most 65536",
+    },
+    Case {
+        name: "ejection max below base",
+        edit: (
+            "ejection_base = \"5s\"",
+            "ejection_base = \"5s\"\nejection_max = \"1s\"",
+        ),
+        key: "passive.ejection_max",
+        line_of: "ejection_max",
+        message: "must not be shorter than passive.ejection_base",
+    },
+    Case {
+        name: "bad host pattern",
+        edit: (
+            "path_prefix = \"/\"",
+            "path_prefix = \"/\"\nhost = \"api.example.com:443\"",
+        ),
+        key: "routes[0].host",
+        line_of: "host =",
+        message: "must be a host name",
+    },
+    Case {
+        name: "path prefix without slash",
+        edit: ("path_prefix = \"/\"", "path_prefix = \"v1\""),
+        key: "routes[0].path_prefix",
+        line_of: "path_prefix",
+        message: "must start with '/'",
+    },
+    Case {
+        name: "unknown http mode",
+        edit: (
+            "[health]",
+            "[listeners.http]\naddress = \"127.0.0.1:8080\"\nmode = \"both\"\n\n[health]",
+        ),
+        key: "listeners.http.mode",
+        line_of: "mode = \"both\"",
+        message: "unknown variant `both`",
+    },
+    Case {
+        name: "zero rise",
+        edit: ("interval = \"1s\"", "interval = \"1s\"\nrise = 0"),
+        key: "health.rise",
+        line_of: "rise = 0",
+        message: "must be at least 1",
+    },
+    Case {
+        name: "toml syntax error",
+        edit: ("retries = 2", "retries = = 2"),
+        key: "retry.retries",
+        line_of: "retries = = 2",
+        message: "invalid",
+    },
+];
+
+/// A directory with `cert.pem`/`key.pem`, a non-PEM `garbage.pem` and an
+/// unrelated key in `other/key.pem`.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::generate_certs(dir.path());
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate\n").expect("write");
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    common::generate_certs(&other);
+    dir
+}
+
+#[test]
+fn base_config_is_valid() {
+    let dir = workdir();
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, BASE).expect("write");
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("pool blue: 2 backend(s)"), "{stdout}");
+    assert!(
+        stdout.contains("route host=* path_prefix=/ -> blue=100"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn every_invalid_config_is_refused_with_file_line_and_key() {
+    let dir = workdir();
+    let mut failures = Vec::new();
+    for (i, case) in CASES.iter().enumerate() {
+        let (from, to) = case.edit;
+        assert!(BASE.contains(from), "case '{}' edits nothing", case.name);
+        let text = BASE.replacen(from, to, 1);
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, &text).expect("write case");
+        let line = text
+            .find(case.line_of)
+            .map(|at| text[..at].matches('\n').count() + 1)
+            .unwrap_or_else(|| panic!("case '{}': marker not in text", case.name));
+        let prefix = match case.key {
+            "" => format!("{}:{line}: ", path.display()),
+            key => format!("{}:{line}: {key}: ", path.display()),
+        };
+        let out = check(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let found = stderr
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.contains(case.message));
+        if out.status.success() || !found {
+            failures.push(format!(
+                "case '{}': want a line starting {prefix:?} containing {:?}, exit non-zero; \
+                 got exit {:?}, stderr:\n{stderr}",
+                case.name,
+                case.message,
+                out.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_missing_file_is_reported() {
+    let out = check(Path::new("/nonexistent/switchyard.toml"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/switchyard.toml: cannot read config file"));
+}
+
+#[test]
+fn the_annotated_example_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, certs) = (dir.path().join("config"), dir.path().join("certs"));
+    std::fs::create_dir_all(&config).expect("mkdir");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let generated = common::generate_certs(&certs);
+    std::fs::rename(&generated.cert, certs.join("server.pem")).expect("rename");
+    std::fs::rename(&generated.key, certs.join("server.key")).expect("rename");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/switchyard.toml");
+    std::fs::copy(&example, config.join("switchyard.toml")).expect("copy example");
+    let out = check(&config.join("switchyard.toml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

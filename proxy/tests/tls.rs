@@ -1,0 +1,162 @@
+//! The public listener: HTTP/2 and HTTP/1.1 over TLS with real clients,
+//! plain HTTP refused cleanly, and the optional plain-HTTP listener.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pool, Proxy, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn single_pool(up: &Upstream) -> String {
+    pool("p", &[(up.addr, 1)]) + "[[routes]]\npool = \"p\"\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_gets_h2_and_http1() {
+    let up = Upstream::start("up", 0).await;
+    let proxy = Proxy::start(&single_pool(&up)).await;
+
+    let resp = proxy
+        .client()
+        .get(proxy.url("/v1/models"))
+        .send()
+        .await
+        .expect("h2");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-instance"], "up");
+
+    let resp = proxy
+        .client_h1()
+        .get(proxy.url("/v1/models"))
+        .send()
+        .await
+        .expect("h1");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http2_with_cacert() {
+    let up = Upstream::start("up", 0).await;
+    let proxy = Proxy::start(&single_pool(&up)).await;
+    let url = proxy.url("/v1/embeddings");
+    let resolve = format!("localhost:{}:127.0.0.1", proxy.https.port());
+    let ca = proxy.certs.ca.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "-i", "--http2", "--max-time", "10"])
+            .arg("--cacert")
+            .arg(&ca)
+            .args(["--resolve", &resolve])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"input":"hi"}"#,
+            ])
+            .arg(&url)
+            .output()
+            .expect("curl runs")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("HTTP/2 200"), "got: {text}");
+    assert!(text.contains("x-switchyard-pool: p"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_the_tls_port_fails_cleanly() {
+    let up = Upstream::start("up", 0).await;
+    let proxy = Proxy::start(&single_pool(&up)).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(proxy.https)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    let read = read.expect("the proxy closes the connection instead of hanging");
+    assert!(
+        !String::from_utf8_lossy(&buf).starts_with("HTTP/"),
+        "no HTTP answer on the TLS port ({read:?})"
+    );
+
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/", proxy.https.port()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP must not succeed");
+    assert_eq!(up.control.requests(), 0);
+
+    // And the listener is unharmed.
+    let resp = proxy
+        .client()
+        .get(proxy.url("/"))
+        .send()
+        .await
+        .expect("TLS still works");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_redirects_to_https() {
+    let up = Upstream::start("up", 0).await;
+    let body = single_pool(&up)
+        + "[listeners.http]\naddress = \"127.0.0.1:{http_port}\"\nmode = \"redirect\"\n";
+    let proxy = Proxy::start(&body).await;
+    let http = proxy.http.expect("http listener");
+    wait_for_port(http).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let resp = client
+        .get(format!(
+            "http://localhost:{}/v1/embeddings?x=1",
+            http.port()
+        ))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 308);
+    let expected = format!("https://localhost:{}/v1/embeddings?x=1", proxy.https.port());
+    assert_eq!(resp.headers()["location"], expected.as_str());
+    assert_eq!(up.control.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_can_serve() {
+    let up = Upstream::start("up", 0).await;
+    let body = single_pool(&up)
+        + "[listeners.http]\naddress = \"127.0.0.1:{http_port}\"\nmode = \"serve\"\n";
+    let proxy = Proxy::start(&body).await;
+    let http = proxy.http.expect("http listener");
+    wait_for_port(http).await;
+    let resp = reqwest::get(format!("http://{http}/v1/x"))
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let echo: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(echo["x-forwarded-proto"], "http");
+}
+
+async fn wait_for_port(addr: std::net::SocketAddr) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} never accepted");
+}
