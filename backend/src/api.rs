@@ -269,6 +269,7 @@ async fn serve_embeddings(
     };
 
     inject_faults(state).await?;
+    let arrival = state.batcher.arrival();
 
     let tokenizer = loaded.tokenizer.clone();
     let fingerprint = state
@@ -304,7 +305,7 @@ async fn serve_embeddings(
         .collect();
     if !missing.is_empty() {
         let inputs = missing.iter().map(|&i| tokens[i].clone()).collect();
-        let replies = state.batcher.submit(inputs).map_err(|_| {
+        let replies = state.batcher.submit(arrival, inputs).map_err(|_| {
             let error = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorKind::Overloaded,

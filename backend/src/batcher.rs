@@ -30,6 +30,8 @@ pub struct Loaded {
 }
 
 pub type Embedding = Vec<f32>;
+
+const ARRIVAL_POLL: Duration = Duration::from_micros(200);
 pub type Reply = oneshot::Receiver<Result<Embedding, Arc<str>>>;
 
 /// The queue refused the work; the caller should answer 503.
@@ -47,7 +49,20 @@ struct Item {
 pub struct Batcher {
     tx: mpsc::Sender<Item>,
     depth: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
     capacity: usize,
+}
+
+/// Held by a request from the moment it will need the model until its
+/// inputs are queued. While any request holds one, the batcher waits (up to
+/// max-wait) for more inputs; when none does, waiting could only add
+/// latency, so a lone request is dispatched at once.
+pub struct Arrival(Arc<AtomicUsize>);
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Batcher {
@@ -60,9 +75,11 @@ impl Batcher {
         let (tx, rx) = mpsc::channel();
         let (loaded_tx, loaded_rx) = oneshot::channel();
         let depth = Arc::new(AtomicUsize::new(0));
+        let arriving = Arc::new(AtomicUsize::new(0));
         let batcher = Batcher {
             tx,
             depth: depth.clone(),
+            arriving: arriving.clone(),
             capacity: config.capacity,
         };
         std::thread::Builder::new()
@@ -91,6 +108,7 @@ impl Batcher {
                 let worker = Worker {
                     rx,
                     depth,
+                    arriving,
                     pool,
                     encoder,
                     metrics,
@@ -112,9 +130,15 @@ impl Batcher {
         self.capacity
     }
 
+    pub fn arrival(&self) -> Arrival {
+        self.arriving.fetch_add(1, Ordering::AcqRel);
+        Arrival(self.arriving.clone())
+    }
+
     /// Queues every input of one request, or none of them: a request is
-    /// refused whole rather than half-served.
-    pub fn submit(&self, inputs: Vec<Tokens>) -> Result<Vec<Reply>, QueueFull> {
+    /// refused whole rather than half-served. The arrival ends only after
+    /// the last input is in the queue.
+    pub fn submit(&self, arrival: Arrival, inputs: Vec<Tokens>) -> Result<Vec<Reply>, QueueFull> {
         let n = inputs.len();
         self.depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
@@ -136,6 +160,7 @@ impl Batcher {
                 rx
             })
             .collect();
+        drop(arrival);
         Ok(replies)
     }
 }
@@ -160,6 +185,7 @@ fn warm_up(pool: &rayon::ThreadPool, model: &Model) -> Result<()> {
 struct Worker {
     rx: mpsc::Receiver<Item>,
     depth: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
     pool: rayon::ThreadPool,
     encoder: Encoder,
     metrics: Arc<Metrics>,
@@ -174,9 +200,10 @@ impl Worker {
         }
     }
 
-    /// Blocks for the first item, then gathers more until the batch is full
-    /// or `max_wait` has passed since the first one arrived. Returns None once
-    /// every submitter is gone and the queue is empty.
+    /// Blocks for the first item, then gathers more until the batch is full,
+    /// `max_wait` has passed since the first one arrived, or no request is on
+    /// its way. Returns None once every submitter is gone and the queue is
+    /// empty.
     fn next_batch(&self) -> Option<Vec<Item>> {
         let first = self.rx.recv().ok()?;
         let deadline = Instant::now() + self.max_wait;
@@ -190,9 +217,23 @@ impl Worker {
                     if left.is_zero() {
                         break;
                     }
-                    match self.rx.recv_timeout(left) {
+                    if self.arriving.load(Ordering::Acquire) == 0 {
+                        // Inputs queued just before the count dropped still
+                        // make this batch.
+                        match self.rx.try_recv() {
+                            Ok(item) => {
+                                batch.push(item);
+                                continue;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    // Short naps, so a request that turns out to need no
+                    // inference (all cache hits) does not hold the batch.
+                    match self.rx.recv_timeout(left.min(ARRIVAL_POLL)) {
                         Ok(item) => item,
-                        Err(_) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                 }
             };

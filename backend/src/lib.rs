@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod bert;
 pub mod cache;
 pub mod config;
 pub mod health;

@@ -6,10 +6,12 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::bert::{mean_pool_normalised, Bert};
 
 /// What callers need to know about the loaded model, independent of weights.
 #[derive(Debug, Clone)]
@@ -52,7 +54,7 @@ impl TextTokenizer {
 
 /// The transformer plus pooling. Owned by the inference thread.
 pub struct Encoder {
-    bert: BertModel,
+    bert: Bert,
     pad_id: u32,
     device: Device,
 }
@@ -75,22 +77,15 @@ impl Encoder {
             ids.extend(std::iter::repeat_n(self.pad_id, pad));
             type_ids.extend_from_slice(&tokens.type_ids);
             type_ids.extend(std::iter::repeat_n(0, pad));
-            mask.extend(std::iter::repeat_n(1u32, tokens.ids.len()));
-            mask.extend(std::iter::repeat_n(0u32, pad));
+            mask.extend(std::iter::repeat_n(1f32, tokens.ids.len()));
+            mask.extend(std::iter::repeat_n(0f32, pad));
         }
         let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
         let type_ids = Tensor::from_vec(type_ids, (rows, width), &self.device)?;
         let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
 
-        let hidden = self.bert.forward(&ids, &type_ids, Some(&mask))?;
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        // The clamps mirror sentence-transformers (mean pooling, F.normalize)
-        // so degenerate inputs give zeros rather than NaN.
-        let counts = mask.sum(1)?.maximum(1e-9)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-        Ok(mean.broadcast_div(&norms)?.to_vec2::<f32>()?)
+        let hidden = self.bert.forward(&ids, &type_ids, &mask)?;
+        Ok(mean_pool_normalised(&hidden, &mask)?.to_vec2::<f32>()?)
     }
 }
 
@@ -192,7 +187,7 @@ impl Model {
 
         let device = Device::Cpu;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)?;
-        let bert = BertModel::load(vb, &config).context("loading BERT weights")?;
+        let bert = Bert::load(vb, &config).context("loading BERT weights")?;
 
         Ok(Model {
             info: ModelInfo {

@@ -64,6 +64,30 @@ async fn an_input_alone_equals_the_same_input_batched_with_longer_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_does_not_wait_for_company() {
+    bounded(async {
+        let dir = tiny_model_dir(TinyModel::default());
+        let server = TestServer::started_ready(config(dir.path(), &["--max-wait", "3s"])).await;
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            server.vectors(json!(["hello", "world"])).await;
+            let took = started.elapsed();
+            assert!(
+                took < std::time::Duration::from_secs(1),
+                "a request nobody could join waited {took:?}"
+            );
+        }
+        assert_eq!(server.metric("switchyard_embed_batch_size_sum").await, 6.0);
+        assert_eq!(
+            server.metric("switchyard_embed_batch_size_count").await,
+            3.0
+        );
+        server.stop().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_are_truncated_at_max_seq_length() {
     bounded(async {
         let dir = tiny_model_dir(TinyModel::default()); // max_seq_length 24
