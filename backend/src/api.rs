@@ -236,10 +236,14 @@ async fn embeddings(
         Ok(response) => Json(response).into_response(),
         Err(error) => error.into_response(),
     };
+    let status = response.status();
+    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        tracing::warn!(status = status.as_u16(), "embedding request failed");
+    }
     state
         .metrics
         .requests
-        .with_label_values(&[response.status().as_str()])
+        .with_label_values(&[status.as_str()])
         .inc();
     state
         .metrics
@@ -256,7 +260,10 @@ async fn serve_embeddings(
         state.metrics.rejected.with_label_values(&[reason]).inc();
         error
     };
-    let (texts, base64) = parse_request(state, body).map_err(|e| reject("invalid", e))?;
+    let (texts, base64) = parse_request(state, body).map_err(|e| {
+        let reason = e.code.unwrap_or("invalid");
+        reject(reason, e)
+    })?;
 
     let Some(loaded) = state.loaded.get() else {
         let error = ApiError::new(

@@ -2,6 +2,7 @@
 //! batches. The forward pass is CPU-bound for milliseconds at a time, so it
 //! must never run on a tokio worker.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -254,7 +255,12 @@ impl Worker {
 
         let tokens: Vec<&Tokens> = batch.iter().map(|item| &item.tokens).collect();
         let encoder = &self.encoder;
-        let result = self.pool.install(|| encoder.embed(&tokens));
+        // A panic in the maths must cost this batch, not the thread: without
+        // the thread every later request would hang in the queue.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.pool.install(|| encoder.embed(&tokens))
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the forward pass panicked")));
         self.metrics
             .inference_duration
             .observe(started.elapsed().as_secs_f64());

@@ -443,7 +443,21 @@ async fn malformed_requests_get_openai_errors() {
                 &metrics,
                 "switchyard_embed_rejected_total{reason=\"invalid\"}"
             ),
-            17.0
+            14.0
+        );
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "switchyard_embed_rejected_total{reason=\"too_many_inputs\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "switchyard_embed_rejected_total{reason=\"body_too_large\"}"
+            ),
+            1.0
         );
         assert_eq!(
             metric_value(&metrics, "switchyard_embed_requests_total{status=\"400\"}"),
