@@ -63,6 +63,17 @@ def wait_port(port, timeout=30.0):
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_http_200(url, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url],
+                           capture_output=True, text=True)
+        if r.stdout == "200":
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
+
+
 class Proc:
     """A started server whose CPU time and peak RSS we can read from /proc."""
 
@@ -132,8 +143,10 @@ def parse_wrk(out):
     return {"rps": rps, "requests": total, "errors": errors, "p50": pct(50), "p99": pct(99)}
 
 
-def run_wrk(url, conns, seconds):
+def run_wrk(url, conns, seconds, script=None):
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url]
+    if script:
+        argv[1:1] = ["-s", script]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 
@@ -196,19 +209,9 @@ class Bench:
         for port in ports.values():
             wait_port(port)
         # Switchyard gates new backends until `rise` health checks pass.
-        self.wait_ready(f"http://127.0.0.1:{ports['sy_h']}/")
+        wait_http_200(f"http://127.0.0.1:{ports['sy_h']}/")
         time.sleep(3)  # let every backend of a large pool pass its rise checks too
         return procs, ports
-
-    def wait_ready(self, url, timeout=30.0):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url],
-                               capture_output=True, text=True)
-            if r.stdout == "200":
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
 
 
 def urls(ports, upstream_port, scheme):
