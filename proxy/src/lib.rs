@@ -4,14 +4,18 @@
 //! public listener's key pair), [`proxy`] (the `ProxyHttp` hooks),
 //! [`routing`] (routes, splits, weighted least-connections), [`health`]
 //! (active checks), [`metrics`] and [`admin`] (the admin listener);
-//! [`shared`] holds the state they share and [`server`] wires them up.
+//! [`reload`] (file watch, SIGHUP) swaps configurations, [`state`]
+//! persists drains; [`shared`] holds the state they share and [`server`]
+//! wires them up.
 
 pub mod admin;
 pub mod config;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod shared;
+pub mod state;
 pub mod tls;

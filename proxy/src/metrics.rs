@@ -39,6 +39,9 @@ pub struct Metrics {
     retries: IntCounterVec,
     ejections: IntCounterVec,
     health_checks: IntCounterVec,
+    reloads: IntCounterVec,
+    last_reload_success: Gauge,
+    split_weight: IntGaugeVec,
 }
 
 /// Per-backend handles, resolved once.
@@ -151,7 +154,60 @@ impl Metrics {
                 "Active health checks by result (pass, not_ready, fail).",
                 &["backend", "result"],
             ),
+            reloads: counter_vec(
+                &r,
+                "switchyard_config_reloads_total",
+                "Configuration reload attempts by result (ok, error).",
+                &["result"],
+            ),
+            last_reload_success: register(
+                &r,
+                Gauge::new(
+                    "switchyard_config_last_reload_success_timestamp_seconds",
+                    "Unix time the active configuration was loaded.",
+                )
+                .expect("valid metric"),
+            ),
+            split_weight: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "switchyard_route_split_weight",
+                        "Weight of each pool in each route's split, as in effect.",
+                    ),
+                    &["route", "pool"],
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
+        }
+    }
+
+    /// Counts a reload attempt; a success also stamps the time.
+    pub fn record_reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        if ok {
+            self.mark_config_loaded();
+        }
+    }
+
+    /// Stamps the time the active configuration was loaded.
+    pub fn mark_config_loaded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_reload_success.set(now);
+    }
+
+    /// Replaces the published split weights with `weights` (route, pool, weight).
+    pub fn set_split_weights(&self, weights: &[(&str, &str, u32)]) {
+        self.split_weight.reset();
+        for (route, pool, w) in weights {
+            self.split_weight
+                .with_label_values(&[route, pool])
+                .set(i64::from(*w));
         }
     }
 

@@ -121,7 +121,7 @@ impl ProxyHttp for Switchyard {
             respond(session, ctx, 404, "no_route", &msg).await?;
             return Ok(true);
         };
-        let pool = route.split.draw().clone();
+        let pool = route.choose_pool(req).clone();
         match pool.pick(&[]) {
             Some(i) => {
                 ctx.first_pick = Some(i);
@@ -231,7 +231,7 @@ impl ProxyHttp for Switchyard {
         // ejecting for it would push more load onto the siblings.
         let overloaded = status == 503 && resp.headers.contains_key("retry-after");
         if status >= 500 && !overloaded {
-            backend.record_failure(&ctx.config().passive);
+            backend.record_failure(&ctx.config().passive, format!("answered {status}"));
         } else {
             backend.record_success();
         }
@@ -274,7 +274,8 @@ impl ProxyHttp for Switchyard {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(lease) = &ctx.lease {
-            lease.backend().record_failure(&ctx.config().passive);
+            let what = format!("connect failed: {}", e.etype().as_str());
+            lease.backend().record_failure(&ctx.config().passive, what);
             e = e.more_context(format!("backend {}", lease.backend().name));
         }
         // Nothing reached the backend, so any request may go elsewhere.
@@ -300,7 +301,8 @@ impl ProxyHttp for Switchyard {
         // about the backend's health.
         if upstream_fault && !client_reused {
             if let Some(lease) = &ctx.lease {
-                lease.backend().record_failure(&ctx.config().passive);
+                let what = format!("proxying failed: {}", e.etype().as_str());
+                lease.backend().record_failure(&ctx.config().passive, what);
             }
         }
         // Inference calls are idempotent, so a request whose response has

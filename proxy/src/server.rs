@@ -13,6 +13,7 @@ use crate::admin::{Admin, Redirect};
 use crate::config::{Config, HttpMode};
 use crate::health::{self, Checker};
 use crate::proxy::Switchyard;
+use crate::reload::Reloader;
 use crate::shared::Shared;
 use crate::tls::{self, CertStore};
 
@@ -33,7 +34,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> anyhow::Result<()> {
     let https = config.listeners.https.clone();
     let pair = tls::load_key_pair(&https.cert, &https.key).map_err(|e| anyhow::anyhow!("{e}"))?;
     let server_conf = server_conf(&config, options);
-    let shared = Shared::new(config, config_path.to_path_buf());
+    let shared = Shared::new(config, config_path.to_path_buf(), CertStore::new(pair));
     health::warm_up(&shared);
 
     let opt = Opt {
@@ -43,7 +44,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
-    add_services(&mut server, &shared, CertStore::new(pair));
+    add_services(&mut server, &shared);
     tracing::info!(config = %config_path.display(), "switchyard starting");
     server.run_forever()
 }
@@ -69,7 +70,7 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn add_services(server: &mut Server, shared: &Arc<Shared>, certs: Arc<CertStore>) {
+fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     let conf = server.configuration.clone();
     let active = shared.active();
     let l = &active.config.listeners;
@@ -83,7 +84,7 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>, certs: Arc<CertStore>
     proxy.add_tls_with_settings(
         &https.address.to_string(),
         None,
-        certs.listener_settings(&https.cert, &https.key),
+        shared.certs.listener_settings(&https.cert, &https.key),
     );
     if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Serve) {
         proxy.add_tcp(&http.address.to_string());
@@ -114,5 +115,9 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>, certs: Arc<CertStore>
     server.add_service(background_service(
         "switchyard health",
         Checker::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "switchyard reload",
+        Reloader::new(shared.clone()),
     ));
 }

@@ -1,16 +1,21 @@
-//! State shared by every service: the backend registry and metrics, which
-//! live as long as the process, and the active configuration snapshot,
-//! which is swapped whole.
+//! State shared by every service: the backend registry, metrics and the
+//! TLS key pair, which live as long as the process, and the active
+//! configuration snapshot, which a reload swaps whole.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Pool, Registry, Router};
+use crate::state::{self, State};
+use crate::tls::{self, CertStore};
 
 /// One configuration, built into routing structures. Requests keep the
 /// snapshot they started with, so a swap never changes a request midway.
@@ -46,26 +51,81 @@ impl Active {
             backends,
         }
     }
+
+    /// (route, pool, weight) for every split entry, for metrics and the API.
+    pub fn split_weights(&self) -> Vec<(&str, &str, u32)> {
+        self.router
+            .routes()
+            .iter()
+            .flat_map(|r| {
+                r.split
+                    .entries()
+                    .iter()
+                    .map(move |e| (r.name.as_str(), e.pool.name.as_str(), e.weight))
+            })
+            .collect()
+    }
+}
+
+/// The outcome of the latest reload attempt, for `GET /admin/config/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// Unix seconds of the latest attempt (0 before any).
+    pub last_attempt: f64,
+    /// What asked for it: `file`, `sighup` or `admin`.
+    pub trigger: String,
+    /// `ok`, `error`, or `none` before any attempt.
+    pub result: String,
+    pub error: Option<String>,
+    /// SHA-256 of the configuration file now in effect.
+    pub active_hash: String,
+    /// Unix seconds since when it is in effect.
+    pub active_since: f64,
 }
 
 pub struct Shared {
     pub registry: Registry,
     pub metrics: Metrics,
-    /// The file the configuration was loaded from.
+    /// The file the configuration was loaded from (and is reloaded from).
     pub config_path: PathBuf,
+    pub certs: Arc<CertStore>,
     active: ArcSwap<Active>,
+    status: Mutex<ReloadStatus>,
+    /// Serializes reloads and state-file writes.
+    writer: Mutex<()>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Shared {
-    pub fn new(config: Config, config_path: PathBuf) -> Arc<Self> {
+    /// Builds the shared state, re-applying drains from the state file.
+    pub fn new(config: Config, config_path: PathBuf, certs: Arc<CertStore>) -> Arc<Self> {
         let registry = Registry::default();
+        registry.restore_drains(&state::load(&config.server.state_file).drained);
         let metrics = Metrics::new();
+        let status = ReloadStatus {
+            last_attempt: 0.0,
+            trigger: String::new(),
+            result: "none".to_string(),
+            error: None,
+            active_hash: config.source_hash.clone(),
+            active_since: unix_now(),
+        };
         let active = Active::build(config, &registry, &metrics);
+        metrics.set_split_weights(&active.split_weights());
+        metrics.mark_config_loaded();
         Arc::new(Self {
             registry,
             metrics,
             config_path,
+            certs,
             active: ArcSwap::from_pointee(active),
+            status: Mutex::new(status),
+            writer: Mutex::new(()),
         })
     }
 
@@ -74,10 +134,101 @@ impl Shared {
         self.active.load_full()
     }
 
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    /// Re-reads the configuration file (and the TLS key pair it names).
+    /// Nothing changes unless the whole file is valid; then it is swapped
+    /// in atomically. Returns the error text on failure.
+    pub fn reload(&self, trigger: &str) -> Result<(), String> {
+        let _writer = self.writer.lock().expect("writer lock");
+        let outcome = Config::load(&self.config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let https = &config.listeners.https;
+                let pair =
+                    tls::load_key_pair(&https.cert, &https.key).map_err(|e| e.to_string())?;
+                Ok((config, pair))
+            });
+        let mut status = self.status.lock().expect("status lock");
+        status.last_attempt = unix_now();
+        status.trigger = trigger.to_string();
+        self.metrics.record_reload(outcome.is_ok());
+        match outcome {
+            Ok((config, pair)) => {
+                self.certs.replace(pair);
+                if config.source_hash != status.active_hash {
+                    status.active_hash = config.source_hash.clone();
+                    status.active_since = status.last_attempt;
+                    self.install(config);
+                }
+                status.result = "ok".to_string();
+                status.error = None;
+                tracing::info!(trigger, hash = %status.active_hash, "configuration reloaded");
+                Ok(())
+            }
+            Err(error) => {
+                status.result = "error".to_string();
+                status.error = Some(error.clone());
+                tracing::error!(trigger, %error, "configuration reload rejected; the previous configuration stays in effect");
+                Err(error)
+            }
+        }
+    }
+
+    fn install(&self, config: Config) {
+        let old = self.active();
+        warn_on_restart_only_changes(&old.config, &config);
+        let known: HashSet<SocketAddr> = old.backends.iter().map(|b| b.addr).collect();
+        let active = Active::build(config, &self.registry, &self.metrics);
+        // A backend coming back into the configuration was not watched
+        // meanwhile: it must pass `rise` checks again.
+        for b in active.backends.iter().filter(|b| !known.contains(&b.addr)) {
+            if b.has_been_healthy() {
+                b.reset_health();
+            }
+        }
+        self.metrics.set_split_weights(&active.split_weights());
+        self.active.store(Arc::new(active));
+    }
+
+    /// Drains (no new requests) or undrains `addr` and persists the set of
+    /// drained addresses. `Ok(None)` if the address is unknown.
+    pub fn set_drained(
+        &self,
+        addr: &SocketAddr,
+        on: bool,
+    ) -> std::io::Result<Option<Arc<Backend>>> {
+        let _writer = self.writer.lock().expect("writer lock");
+        let Some(backend) = self.registry.set_drained(addr, on) else {
+            return Ok(None);
+        };
+        let state = State {
+            drained: self.registry.drained(),
+        };
+        state::save(&self.active().config.server.state_file, &state)?;
+        tracing::info!(backend = %backend.name, drained = on, "drain state changed");
+        Ok(Some(backend))
+    }
+
     /// Copies scrape-time values (in-flight counts) into their gauges.
     pub fn refresh_gauges(&self) {
         for backend in self.registry.all() {
             backend.publish_in_flight();
         }
+    }
+}
+
+/// Listeners and process settings are bound at start; say so instead of
+/// silently ignoring an edit.
+fn warn_on_restart_only_changes(old: &Config, new: &Config) {
+    let bound = |c: &Config| {
+        let l = &c.listeners;
+        serde_json::to_value((l.https.address, &l.http, c.admin.address, &c.server)).ok()
+    };
+    let (before, after) = (bound(old), bound(new));
+    if before != after {
+        tracing::warn!("listener, admin address or [server] changes take effect only after a restart or upgrade");
     }
 }

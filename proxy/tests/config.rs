@@ -11,6 +11,8 @@ fn check(config: &Path) -> Output {
         .arg("check")
         .arg("--config")
         .arg(config)
+        // The annotated example reads its admin token from this variable.
+        .env("SWITCHYARD_ADMIN_TOKEN", "example")
         .output()
         .expect("run switchyard check")
 }
@@ -231,6 +233,34 @@ const CASES: &[Case] = &[
         key: "health.rise",
         line_of: "rise = 0",
         message: "must be at least 1",
+    },
+    Case {
+        name: "admin API on a public address without a token",
+        edit: ("[health]", "[admin]\naddress = \"0.0.0.0:9901\"\n\n[health]"),
+        key: "admin.address",
+        line_of: "0.0.0.0:9901",
+        message: "needs token_env or token_file",
+    },
+    Case {
+        name: "admin token variable not set",
+        edit: ("[health]", "[admin]\ntoken_env = \"SWITCHYARD_TEST_UNSET_VARIABLE\"\n\n[health]"),
+        key: "admin.token_env",
+        line_of: "token_env",
+        message: "environment variable SWITCHYARD_TEST_UNSET_VARIABLE is not set",
+    },
+    Case {
+        name: "sticky with header and cookie",
+        edit: ("pool = \"blue\"", "pool = \"blue\"\nsticky = { header = \"x-user\", cookie = \"sid\" }"),
+        key: "routes[0].sticky",
+        line_of: "sticky",
+        message: "set exactly one of 'header' and 'cookie'",
+    },
+    Case {
+        name: "forced pool not defined",
+        edit: ("pool = \"blue\"", "pool = \"blue\"\nforce = { header = \"x-switchyard-pool\", allow = [\"green\", \"red\"] }"),
+        key: "routes[0].force.allow[1]",
+        line_of: "force",
+        message: "unknown pool 'red'",
     },
     Case {
         name: "toml syntax error",

@@ -43,6 +43,9 @@ pub struct Config {
     pub response_headers: ResponseHeaders,
     pub pools: BTreeMap<String, PoolSpec>,
     pub routes: Vec<RouteSpec>,
+    /// SHA-256 of the file text this was parsed from.
+    #[serde(skip)]
+    pub source_hash: String,
 }
 
 /// Process-level settings handed to Pingora's `ServerConf`.
@@ -115,12 +118,22 @@ pub enum HttpMode {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     pub address: SocketAddr,
+    /// Environment variable holding the bearer token for `/admin/*`.
+    pub token_env: Option<String>,
+    /// File holding the bearer token (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_env` or `token_file`; never serialized.
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            token_env: None,
+            token_file: None,
+            token: None,
         }
     }
 }
@@ -298,7 +311,10 @@ fn one() -> u32 {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
-    /// Exact host (`api.example.com`) or one-level wildcard (`*.example.com`).
+    /// Label in metrics and the admin API; defaults to `routes[<index>]`.
+    pub name: Option<String>,
+    /// Exact host (`api.example.com`) or wildcard (`*.example.com`, any
+    /// subdomain).
     pub host: Option<String>,
     #[serde(default = "slash")]
     pub path_prefix: String,
@@ -306,6 +322,27 @@ pub struct RouteSpec {
     pub pool: Option<String>,
     /// Pool name to weight; a pool is drawn by weight per request.
     pub split: Option<BTreeMap<String, u32>>,
+    /// Keep a client on one pool, keyed by a header or a cookie.
+    pub sticky: Option<Sticky>,
+    /// Let a request header choose the pool, among `allow` only.
+    pub force: Option<Force>,
+}
+
+/// Exactly one of `header` and `cookie`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sticky {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Force {
+    /// e.g. `x-switchyard-pool`
+    pub header: String,
+    /// Pools the header may select; other values are ignored.
+    pub allow: Vec<String>,
 }
 
 fn slash() -> String {
@@ -313,6 +350,13 @@ fn slash() -> String {
 }
 
 impl RouteSpec {
+    /// The route's label: its `name`, or `routes[<index>]`.
+    pub fn label(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("routes[{index}]"))
+    }
+
     /// The effective split: `pool = "x"` is `split = { x = 100 }`.
     pub fn effective_split(&self) -> Vec<(String, u32)> {
         match (&self.pool, &self.split) {
@@ -341,6 +385,7 @@ impl Config {
         let source = locate::Source::new(text);
         let mut config: Config = toml::from_str(text)
             .map_err(|e| ConfigErrors::single(ConfigError::from_toml(path, &source, &e)))?;
+        config.source_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text));
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         let problems = validate::validate(&mut config, base);
         if problems.is_empty() {

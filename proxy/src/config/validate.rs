@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::error::Problem;
 use super::locate::KeyPath;
-use super::{Config, PoolSpec, RouteSpec, PINGORA_RETRY_BUFFER};
+use super::{Config, PoolSpec, RouteSpec, Sticky, PINGORA_RETRY_BUFFER};
 use crate::tls::{self, KeyPairFile};
 
 /// Checks `config`, resolving relative paths against `base` and backend
@@ -15,6 +15,7 @@ pub(super) fn validate(config: &mut Config, base: &Path) -> Vec<Problem> {
     let mut v = Validator::default();
     v.server(config, base);
     v.tls(config, base);
+    v.admin(config, base);
     v.health(config);
     v.passive(config);
     v.timeouts(config);
@@ -64,6 +65,56 @@ impl Validator {
             };
             let path = KeyPath::root().key("listeners").key("https").key(key);
             self.fail(path, e.message);
+        }
+    }
+
+    /// Reads the admin token and refuses an unauthenticated admin API on a
+    /// non-loopback address.
+    fn admin(&mut self, c: &mut Config, base: &Path) {
+        let root = KeyPath::root().key("admin");
+        let a = &mut c.admin;
+        if let Some(file) = &mut a.token_file {
+            *file = base.join(&*file);
+        }
+        let token = match (&a.token_env, &a.token_file) {
+            (Some(_), Some(_)) => {
+                self.fail(
+                    root.key("token_file"),
+                    "set either token_env or token_file, not both",
+                );
+                return;
+            }
+            (Some(var), None) => std::env::var(var).map_err(|_| {
+                (
+                    root.key("token_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            }),
+            (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
+                (
+                    root.key("token_file"),
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            }),
+            (None, None) => Ok(String::new()),
+        };
+        match token.map(|t| t.trim().to_string()) {
+            Ok(t) if t.is_empty() && (a.token_env.is_some() || a.token_file.is_some()) => {
+                let key = if a.token_env.is_some() {
+                    "token_env"
+                } else {
+                    "token_file"
+                };
+                self.fail(root.key(key), "the admin token is empty");
+            }
+            Ok(t) if t.is_empty() => {
+                if !a.address.ip().is_loopback() {
+                    let msg = "a non-loopback admin address needs token_env or token_file";
+                    self.fail(root.key("address"), msg);
+                }
+            }
+            Ok(t) => a.token = Some(t),
+            Err((path, msg)) => self.fail(path, msg),
         }
     }
 
@@ -194,8 +245,16 @@ impl Validator {
         if c.routes.is_empty() {
             self.fail(root.clone(), "at least one [[routes]] entry is required");
         }
+        let mut labels = HashSet::new();
         for (i, route) in c.routes.iter().enumerate() {
             self.route(c, route, &root.index(i));
+            let label = route.label(i);
+            if !labels.insert(label.clone()) {
+                self.fail(
+                    root.index(i).key("name"),
+                    format!("duplicate route name '{label}'"),
+                );
+            }
         }
     }
 
@@ -226,6 +285,55 @@ impl Validator {
                     self.fail(path.key("split"), msg);
                 }
             }
+        }
+        if let Some(name) = &r.name {
+            if !is_valid_name(name) {
+                let msg = format!("route name '{name}' may only use letters, digits, '-' and '_'");
+                self.fail(path.key("name"), msg);
+            }
+        }
+        if let Some(sticky) = &r.sticky {
+            self.sticky(sticky, &path.key("sticky"));
+        }
+        if let Some(force) = &r.force {
+            let at = path.key("force");
+            if http::HeaderName::from_bytes(force.header.as_bytes()).is_err() {
+                self.fail(
+                    at.key("header"),
+                    format!("'{}' is not a valid header name", force.header),
+                );
+            }
+            if force.allow.is_empty() {
+                self.fail(
+                    at.key("allow"),
+                    "list at least one pool the header may select",
+                );
+            }
+            for (i, pool) in force.allow.iter().enumerate() {
+                self.pool_ref(c, pool, at.key("allow").index(i));
+            }
+        }
+    }
+
+    fn sticky(&mut self, s: &Sticky, path: &KeyPath) {
+        match (&s.header, &s.cookie) {
+            (Some(h), None) => {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    self.fail(
+                        path.key("header"),
+                        format!("'{h}' is not a valid header name"),
+                    );
+                }
+            }
+            (None, Some(c)) => {
+                if c.is_empty() || c.contains([';', '=', ' ']) {
+                    self.fail(
+                        path.key("cookie"),
+                        format!("'{c}' is not a valid cookie name"),
+                    );
+                }
+            }
+            _ => self.fail(path.clone(), "set exactly one of 'header' and 'cookie'"),
         }
     }
 

@@ -37,6 +37,7 @@ pub struct Backend {
     pub(crate) progress: Mutex<Progress>,
     /// Becomes true once `rise` checks have passed.
     seen_healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
     pub metrics: BackendMetrics,
 }
 
@@ -62,6 +63,7 @@ impl Backend {
             ejection: Mutex::new(Ejection::default()),
             progress: Mutex::new(Progress::default()),
             seen_healthy: AtomicBool::new(false),
+            last_error: Mutex::new(None),
             metrics,
         }
     }
@@ -141,6 +143,23 @@ impl Backend {
         self.set_flag(DRAINING, on)
     }
 
+    /// Forgets health knowledge so the backend must pass `rise` checks again
+    /// (a backend re-added by a reload may have changed while unwatched).
+    pub fn reset_health(&self) {
+        self.set_healthy(false);
+        self.set_ready(false);
+        *self.progress.lock().expect("progress lock") = Progress::default();
+    }
+
+    /// The most recent failure seen in traffic, for the admin API.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("last_error lock").clone()
+    }
+
+    fn note_error(&self, error: String) {
+        *self.last_error.lock().expect("last_error lock") = Some(error);
+    }
+
     /// Records the queue depth of a fresh readiness report.
     pub fn set_queue_depth(&self, depth: u32, now_ms: u64) {
         self.queue_depth.store(depth, Relaxed);
@@ -158,8 +177,10 @@ impl Backend {
         }
     }
 
-    /// A connect failure or 5xx. Returns true when this ejected the backend.
-    pub fn record_failure(&self, policy: &PassiveSection) -> bool {
+    /// A connect failure or 5xx, described by `what`. Returns true when
+    /// this ejected the backend.
+    pub fn record_failure(&self, policy: &PassiveSection, what: String) -> bool {
+        self.note_error(what);
         if policy.failures == 0 {
             return false;
         }

@@ -5,49 +5,88 @@ mod backend;
 mod pool;
 mod router;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 pub use backend::{Backend, Lease};
 pub use pool::{Member, Pool};
-pub use router::{strip_port, HostMatch, Route, Router, Split, SplitEntry, BUCKETS};
+pub use router::{
+    bucket_of, strip_port, ForceRule, HostMatch, Route, Router, Split, SplitEntry, StickyKey,
+    BUCKETS,
+};
 
 use crate::metrics::Metrics;
 
-/// Every backend the process knows, by socket address. Consulted only
-/// when a configuration is installed, never per request.
+/// Every backend the process knows, by socket address, and the set of
+/// drained addresses (kept even for backends not configured right now, so
+/// a drain holds when the backend comes back). Consulted when a
+/// configuration is installed and by the admin API, never per request.
 #[derive(Default)]
 pub struct Registry {
-    backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    backends: HashMap<SocketAddr, Arc<Backend>>,
+    drained: BTreeSet<SocketAddr>,
 }
 
 impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().expect("registry lock")
+    }
+
     /// The state for `addr`, created (not yet healthy) on first sight.
     pub fn get_or_create(&self, addr: SocketAddr, name: &str, metrics: &Metrics) -> Arc<Backend> {
-        let mut map = self.backends.lock().expect("registry lock");
-        map.entry(addr)
+        let mut inner = self.lock();
+        let drained = inner.drained.contains(&addr);
+        inner
+            .backends
+            .entry(addr)
             .or_insert_with(|| {
-                Arc::new(Backend::new(addr, name.to_string(), metrics.backend(name)))
+                let backend = Backend::new(addr, name.to_string(), metrics.backend(name));
+                backend.set_draining(drained);
+                Arc::new(backend)
             })
             .clone()
     }
 
     pub fn get(&self, addr: &SocketAddr) -> Option<Arc<Backend>> {
-        self.backends
-            .lock()
-            .expect("registry lock")
-            .get(addr)
-            .cloned()
+        self.lock().backends.get(addr).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Backend>> {
-        self.backends
-            .lock()
-            .expect("registry lock")
-            .values()
-            .cloned()
-            .collect()
+        self.lock().backends.values().cloned().collect()
+    }
+
+    /// Drains or undrains a known backend; `None` if the address is unknown.
+    pub fn set_drained(&self, addr: &SocketAddr, on: bool) -> Option<Arc<Backend>> {
+        let mut inner = self.lock();
+        let backend = inner.backends.get(addr).cloned()?;
+        backend.set_draining(on);
+        if on {
+            inner.drained.insert(*addr);
+        } else {
+            inner.drained.remove(addr);
+        }
+        Some(backend)
+    }
+
+    /// Re-applies drains persisted by an earlier run.
+    pub fn restore_drains(&self, addrs: &[SocketAddr]) {
+        let mut inner = self.lock();
+        for addr in addrs {
+            inner.drained.insert(*addr);
+            if let Some(b) = inner.backends.get(addr) {
+                b.set_draining(true);
+            }
+        }
+    }
+
+    pub fn drained(&self) -> Vec<SocketAddr> {
+        self.lock().drained.iter().copied().collect()
     }
 }
 

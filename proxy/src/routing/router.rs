@@ -7,8 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use http::HeaderName;
+use pingora::http::RequestHeader;
+
 use super::{fastrand, Pool};
-use crate::config::RouteSpec;
+use crate::config::{RouteSpec, Sticky};
 
 /// Splits are resolved over this many buckets (0.01 % granularity).
 pub const BUCKETS: u32 = 10_000;
@@ -115,11 +118,71 @@ impl Split {
 }
 
 pub struct Route {
-    /// `routes[i]`, the label used for this route in metrics and logs.
+    /// The route's `name` or `routes[i]`: its label in metrics and the API.
     pub name: String,
     pub host: HostMatch,
     pub path_prefix: String,
     pub split: Split,
+    pub sticky: Option<StickyKey>,
+    pub force: Option<ForceRule>,
+}
+
+/// Where a sticky route finds the key that pins a client to a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+/// A request header that may choose the pool, among `allow` only.
+pub struct ForceRule {
+    pub header: HeaderName,
+    pub allow: Vec<Arc<Pool>>,
+}
+
+impl Route {
+    /// The pool for this request: a permitted forced pool, else the pool of
+    /// the sticky key's bucket, else a weighted draw.
+    pub fn choose_pool(&self, req: &RequestHeader) -> &Arc<Pool> {
+        if let Some(pool) = self.forced_pool(req) {
+            return pool;
+        }
+        match self.sticky.as_ref().and_then(|k| sticky_value(k, req)) {
+            Some(key) => self.split.pool_for_bucket(bucket_of(key)),
+            None => self.split.draw(),
+        }
+    }
+
+    fn forced_pool(&self, req: &RequestHeader) -> Option<&Arc<Pool>> {
+        let rule = self.force.as_ref()?;
+        let wanted = req.headers.get(&rule.header)?.as_bytes();
+        rule.allow.iter().find(|p| p.name.as_bytes() == wanted)
+    }
+}
+
+fn sticky_value<'r>(key: &StickyKey, req: &'r RequestHeader) -> Option<&'r [u8]> {
+    match key {
+        StickyKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes()),
+        StickyKey::Cookie(name) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then_some(v.as_bytes())
+            }),
+    }
+}
+
+/// A stable bucket in `0..BUCKETS` for a sticky key (FNV-1a: the same key
+/// maps to the same bucket in every process and version).
+pub fn bucket_of(key: &[u8]) -> u32 {
+    let hash = key.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % u64::from(BUCKETS)) as u32
 }
 
 pub struct Router {
@@ -139,10 +202,16 @@ impl Router {
                     .map(|(name, w)| (pools[&name].clone(), w))
                     .collect();
                 Route {
-                    name: format!("routes[{i}]"),
+                    name: spec.label(i),
                     host: HostMatch::parse(spec.host.as_deref()),
                     path_prefix: spec.path_prefix.clone(),
                     split: Split::new(&weights),
+                    sticky: spec.sticky.as_ref().map(sticky_key),
+                    force: spec.force.as_ref().map(|f| ForceRule {
+                        header: HeaderName::from_bytes(f.header.as_bytes())
+                            .expect("validated header name"),
+                        allow: f.allow.iter().map(|p| pools[p].clone()).collect(),
+                    }),
                 }
             })
             .collect();
@@ -162,6 +231,15 @@ impl Router {
 
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+}
+
+fn sticky_key(s: &Sticky) -> StickyKey {
+    match (&s.header, &s.cookie) {
+        (Some(h), _) => {
+            StickyKey::Header(HeaderName::from_bytes(h.as_bytes()).expect("validated header name"))
+        }
+        (None, c) => StickyKey::Cookie(c.clone().expect("validated: header or cookie")),
     }
 }
 
@@ -191,6 +269,12 @@ mod tests {
         assert!(!wild.matches(Some("example.com")));
         assert!(!wild.matches(None));
         assert!(HostMatch::Any.matches(None));
+    }
+
+    #[test]
+    fn buckets_are_stable() {
+        assert_eq!(bucket_of(b"user-1"), bucket_of(b"user-1"));
+        assert!(bucket_of(b"user-1") < BUCKETS);
     }
 
     #[test]

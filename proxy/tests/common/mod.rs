@@ -109,9 +109,16 @@ pub fn pool(name: &str, backends: &[(SocketAddr, u32)]) -> String {
 pub const FAST_HEALTH: &str =
     "[health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\n";
 
+/// The admin token every test proxy is configured with.
+pub const ADMIN_TOKEN: &str = "test-token";
+
 /// A running `switchyard run`, killed on drop.
 pub struct Proxy {
     child: Child,
+    /// Instances replaced by [`Proxy::upgrade`], still finishing up.
+    retired: Vec<Child>,
+    /// The generated sections preceding the test's body.
+    header: String,
     pub https: SocketAddr,
     pub admin: SocketAddr,
     /// The plain-HTTP listener, when the config body used `{http_port}`.
@@ -130,30 +137,21 @@ impl Proxy {
         let (https, admin) = (loopback(free_port()), loopback(free_port()));
         let http_port = free_port();
         let http = body.contains("{http_port}").then(|| loopback(http_port));
-        let mut config = format!(
+        let header = format!(
             "[server]\nthreads = 2\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n\
              run_dir = \"run\"\nstate_file = \"run/state.json\"\n\n\
              [listeners.https]\naddress = \"{https}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
-             [admin]\naddress = \"{admin}\"\n\n"
+             [admin]\naddress = \"{admin}\"\ntoken_file = \"admin-token\"\n\n"
         );
-        if !body.contains("[health]") {
-            config.push_str(FAST_HEALTH);
-        }
-        config.push_str(&body.replace("{http_port}", &http_port.to_string()));
-        let config_path = dir.path().join("switchyard.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn switchyard");
+        std::fs::write(dir.path().join("admin-token"), ADMIN_TOKEN).expect("write token");
+        let body = body.replace("{http_port}", &http_port.to_string());
+        std::fs::write(dir.path().join("switchyard.toml"), compose(&header, &body))
+            .expect("write config");
+        let child = spawn_switchyard(dir.path(), false);
         let proxy = Proxy {
             child,
+            retired: Vec::new(),
+            header,
             https,
             admin,
             http,
@@ -162,6 +160,76 @@ impl Proxy {
         };
         proxy.wait_listening().await;
         proxy
+    }
+
+    /// Replaces the test's part of the configuration the way editors do
+    /// (write a temporary file, rename it over the original).
+    pub fn rewrite(&self, body: &str) {
+        let tmp = self.dir.path().join(".switchyard.toml.tmp");
+        std::fs::write(&tmp, compose(&self.header, body)).expect("write config");
+        std::fs::rename(&tmp, self.config_path()).expect("rename config");
+    }
+
+    /// A graceful binary upgrade: start a second instance with `--upgrade`,
+    /// then SIGQUIT the running one so it hands its listening sockets over.
+    pub async fn upgrade(&mut self) {
+        let sock = self.dir.path().join("run/upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let new = spawn_switchyard(self.dir.path(), true);
+        let ready = eventually(Duration::from_secs(10), || sock.exists()).await;
+        assert!(
+            ready,
+            "new instance never opened its upgrade socket; log:\n{}",
+            self.log()
+        );
+        let old = std::mem::replace(&mut self.child, new);
+        signal(&old, libc::SIGQUIT);
+        self.retired.push(old);
+    }
+
+    /// Waits until every instance replaced by [`Proxy::upgrade`] has exited.
+    pub async fn wait_retired(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let dir = self.dir.path().to_path_buf();
+        for child in &mut self.retired {
+            while child.try_wait().expect("try_wait").is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "old instance still running; log:\n{}",
+                    read_log(&dir)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Sends `sig` to the running instance.
+    pub fn signal(&self, sig: i32) {
+        signal(&self.child, sig);
+    }
+
+    /// An admin API call with the bearer token; returns status and JSON.
+    pub async fn admin(&self, method: &str, path: &str) -> (u16, serde_json::Value) {
+        self.admin_as(method, path, Some(ADMIN_TOKEN)).await
+    }
+
+    pub async fn admin_as(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = reqwest::Client::new()
+            .request(method, format!("http://{}{path}", self.admin))
+            .timeout(Duration::from_secs(60));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("admin request");
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+        (status, body)
     }
 
     async fn wait_listening(&self) {
@@ -216,7 +284,7 @@ impl Proxy {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+        read_log(self.dir.path())
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -226,9 +294,52 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in self.retired.iter_mut().chain([&mut self.child]) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
+}
+
+fn compose(header: &str, body: &str) -> String {
+    let health = if body.contains("[health]") {
+        ""
+    } else {
+        FAST_HEALTH
+    };
+    format!("{header}{health}{body}")
+}
+
+/// `switchyard run` on `dir/switchyard.toml`, appending to `dir/proxy.log`.
+fn spawn_switchyard(dir: &Path, upgrade: bool) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("proxy.log"))
+        .expect("log file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(dir.join("switchyard.toml"));
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    cmd.env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn switchyard")
+}
+
+fn signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).expect("pid fits");
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -305,6 +416,62 @@ pub async fn send(client: &reqwest::Client, url: &str) -> Result<Outcome, String
         .to_string();
     resp.bytes().await.map_err(|e| format!("{e:?}"))?;
     Ok(Outcome { status, instance })
+}
+
+/// Keeps `concurrency` clients busy until stopped; collects failures.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    pub fn start(proxy: &Proxy, concurrency: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, url) = (proxy.client(), proxy.url("/v1/embeddings"));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..concurrency {
+                let (client, url, flag) = (client.clone(), url.clone(), flag.clone());
+                tasks.spawn(async move {
+                    let (mut sent, mut failures) = (0, Vec::new());
+                    while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        sent += 1;
+                        match send(&client, &url).await {
+                            Ok(o) if o.status == 200 => {}
+                            Ok(o) => failures.push(format!("status {}", o.status)),
+                            Err(e) => failures.push(e),
+                        }
+                    }
+                    (sent, failures)
+                });
+            }
+            let (mut sent, mut failures) = (0, Vec::new());
+            while let Some(r) = tasks.join_next().await {
+                let (s, f) = r.expect("load task");
+                sent += s;
+                failures.extend(f);
+            }
+            (sent, failures)
+        });
+        Load { stop, handle }
+    }
+
+    /// Stops the clients and asserts that every request succeeded.
+    pub async fn finish(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (sent, failures) = tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("load stops")
+            .expect("load task");
+        assert!(sent > 20, "the load ran ({sent} requests)");
+        assert!(
+            failures.is_empty(),
+            "{} of {sent} requests failed: {failures:?}",
+            failures.len()
+        );
+        sent
+    }
 }
 
 /// An upstream in a child process (so a test can SIGKILL it), killed on drop.

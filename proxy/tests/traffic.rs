@@ -1,0 +1,476 @@
+//! Traffic control under load: drains, hot reloads (blue/green, canary,
+//! sticky, forced pool, invalid edits, removed backends), graceful upgrade
+//! and the admin API's error cases.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{eventually, load, metric, pool, Load, Proxy, Upstream};
+
+fn split_route(split: &str, extra: &str) -> String {
+    format!("[[routes]]\npath_prefix = \"/\"\nsplit = {{ {split} }}\n{extra}")
+}
+
+/// The `/admin/backends` entry of `up`.
+async fn backend_entry(proxy: &Proxy, up: &Upstream) -> serde_json::Value {
+    let (_, list) = proxy.admin("GET", "/admin/backends").await;
+    list["backends"]
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["address"] == up.addr.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{} not listed: {list}", up.addr))
+}
+
+async fn sleep_ms(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Waits until the reload status shows `hash` differs from `before`.
+async fn wait_reloaded(proxy: &Proxy, before: &serde_json::Value) -> serde_json::Value {
+    for _ in 0..150 {
+        let (_, status) = proxy.admin("GET", "/admin/config/status").await;
+        if status["active_hash"] != before["active_hash"] || status["result"] == "error" {
+            return status;
+        }
+        sleep_ms(20).await;
+    }
+    panic!("no reload seen; log:\n{}", proxy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_api_answers_every_error_case() {
+    let a = Upstream::start("a", 0).await;
+    let body = pool("p", &[(a.addr, 1)]) + &split_route("p = 100", "");
+    let proxy = Proxy::start(&body).await;
+    let backend = format!("/admin/backends/{}", a.addr);
+
+    for (method, path, token, want) in [
+        ("GET", "/admin/backends", None, 401),
+        ("GET", "/admin/backends", Some("wrong"), 401),
+        ("GET", "/admin/backends", Some(common::ADMIN_TOKEN), 200),
+        ("POST", "/admin/backends", Some(common::ADMIN_TOKEN), 405),
+        (
+            "GET",
+            &format!("{backend}/drain"),
+            Some(common::ADMIN_TOKEN),
+            405,
+        ),
+        (
+            "POST",
+            "/admin/backends/not-an-address/drain",
+            Some(common::ADMIN_TOKEN),
+            400,
+        ),
+        (
+            "POST",
+            "/admin/backends/127.0.0.1:1/drain",
+            Some(common::ADMIN_TOKEN),
+            404,
+        ),
+        (
+            "POST",
+            &format!("{backend}/drain?wait=soon"),
+            Some(common::ADMIN_TOKEN),
+            400,
+        ),
+        (
+            "POST",
+            &format!("{backend}/drain?bogus=1"),
+            Some(common::ADMIN_TOKEN),
+            400,
+        ),
+        ("GET", "/admin/nothing", Some(common::ADMIN_TOKEN), 404),
+        ("GET", "/admin/routes", Some(common::ADMIN_TOKEN), 200),
+        ("GET", "/admin/config", Some(common::ADMIN_TOKEN), 200),
+        (
+            "GET",
+            "/admin/config/status",
+            Some(common::ADMIN_TOKEN),
+            200,
+        ),
+        ("GET", "/admin/reload", Some(common::ADMIN_TOKEN), 405),
+        ("POST", "/admin/reload", Some(common::ADMIN_TOKEN), 200),
+        ("GET", "/metrics", None, 200),
+    ] {
+        let (status, json) = proxy.admin_as(method, path, token).await;
+        assert_eq!(status, want, "{method} {path} (token {token:?}): {json}");
+        if status >= 400 && path != "/metrics" {
+            assert!(
+                json["error"]["message"].is_string(),
+                "{method} {path}: {json}"
+            );
+        }
+    }
+    let (_, config) = proxy.admin("GET", "/admin/config").await;
+    assert!(
+        !config.to_string().contains(common::ADMIN_TOKEN),
+        "token redacted"
+    );
+    assert_eq!(
+        config["config"]["admin"]["token_file"]
+            .as_str()
+            .map(|f| f.ends_with("admin-token")),
+        Some(true)
+    );
+    let (_, backends) = proxy.admin("GET", "/admin/backends").await;
+    let b = &backends["backends"][0];
+    assert_eq!(b["state"], "healthy");
+    assert_eq!(b["pool"], "p");
+    assert_eq!(b["report"]["version"], "a-v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_under_load_stops_new_requests_and_waits_for_in_flight() {
+    let a = Upstream::start("a", 20).await;
+    let b = Upstream::start("b", 20).await;
+    let victim = Upstream::start("victim", 20).await;
+    let body =
+        pool("p", &[(a.addr, 1), (b.addr, 1), (victim.addr, 1)]) + &split_route("p = 100", "");
+    let proxy = Proxy::start(&body).await;
+    let load = Load::start(&proxy, 8);
+    sleep_ms(400).await;
+
+    let path = format!("/admin/backends/{}/drain?wait=10s", victim.addr);
+    let (status, ack) = proxy.admin("POST", &path).await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(
+        ack["drained"], true,
+        "wait returned once in-flight reached 0: {ack}"
+    );
+    assert_eq!(ack["in_flight"], 0);
+    let at_ack = victim.control.requests();
+    assert!(at_ack > 0);
+    // Repeating the call is harmless.
+    let (status, again) = proxy.admin("POST", &path).await;
+    assert_eq!(
+        (status, &again["state"]),
+        (200, &serde_json::json!("drained"))
+    );
+    sleep_ms(600).await;
+    load.finish().await;
+    assert_eq!(
+        victim.control.requests(),
+        at_ack,
+        "no request after the drain was acknowledged"
+    );
+
+    let state =
+        std::fs::read_to_string(proxy.dir.path().join("run/state.json")).expect("state file");
+    assert!(
+        state.contains(&victim.addr.to_string()),
+        "drain persisted: {state}"
+    );
+    let entry = backend_entry(&proxy, &victim).await;
+    assert_eq!(entry["state"], "drained");
+
+    let (status, _) = proxy
+        .admin("POST", &format!("/admin/backends/{}/undrain", victim.addr))
+        .await;
+    assert_eq!(status, 200);
+    load_and_expect_traffic(&proxy, &victim).await;
+}
+
+async fn load_and_expect_traffic(proxy: &Proxy, up: &Upstream) {
+    let before = up.control.requests();
+    let results = load(&proxy.client(), &proxy.url("/"), 4, 60).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|o| o.status == 200)));
+    assert!(
+        up.control.requests() > before,
+        "{} takes requests again",
+        up.control.name
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blue_to_green_by_editing_the_file_under_load() {
+    let blue1 = Upstream::start("blue1", 5).await;
+    let blue2 = Upstream::start("blue2", 5).await;
+    let green = Upstream::start("green", 5).await;
+    let pools =
+        pool("blue", &[(blue1.addr, 1), (blue2.addr, 1)]) + &pool("green", &[(green.addr, 1)]);
+    let proxy = Proxy::start(&(pools.clone() + &split_route("blue = 100, green = 0", ""))).await;
+    let (_, before) = proxy.admin("GET", "/admin/config/status").await;
+    let load = Load::start(&proxy, 8);
+    sleep_ms(400).await;
+    assert_eq!(green.control.requests(), 0);
+
+    proxy.rewrite(&(pools + &split_route("blue = 0, green = 100", "")));
+    let written = std::time::Instant::now();
+    let status = wait_reloaded(&proxy, &before).await;
+    assert_eq!(status["result"], "ok", "{status}");
+    assert_eq!(status["trigger"], "file");
+    sleep_ms(2000u64.saturating_sub(written.elapsed().as_millis() as u64)).await;
+    let blue_at_2s = blue1.control.requests() + blue2.control.requests();
+    sleep_ms(600).await;
+    load.finish().await;
+    assert_eq!(
+        blue1.control.requests() + blue2.control.requests(),
+        blue_at_2s,
+        "2 s after the write every new request goes to green"
+    );
+    assert!(green.control.requests() > 0);
+    let scrape = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "switchyard_route_split_weight{pool=\"green\",route=\"routes[0]\"}"
+        ),
+        Some(100.0)
+    );
+    assert_eq!(
+        metric(&scrape, "switchyard_config_reloads_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &scrape,
+            "switchyard_config_last_reload_success_timestamp_seconds"
+        )
+        .unwrap_or(0.0)
+            > 1e9
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn canary_split_95_5_over_10000_requests() {
+    let stable = Upstream::start("stable", 0).await;
+    let canary = Upstream::start("canary", 0).await;
+    let body = pool("stable", &[(stable.addr, 1)])
+        + &pool("canary", &[(canary.addr, 1)])
+        + &split_route("stable = 95, canary = 5", "");
+    let proxy = Proxy::start(&body).await;
+    let results = load(&proxy.client(), &proxy.url("/"), 16, 10_000).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|o| o.status == 200)));
+    let share = canary.control.requests() as f64 / 100.0;
+    assert!((3.5..=6.5).contains(&share), "canary got {share:.2}%");
+}
+
+/// Pool that served each key (sticky header `x-user`).
+async fn pools_by_key(proxy: &Proxy, keys: &[String]) -> HashMap<String, String> {
+    let client = proxy.client();
+    let mut out = HashMap::new();
+    for key in keys {
+        let resp = client
+            .get(proxy.url("/"))
+            .header("x-user", key)
+            .send()
+            .await
+            .expect("request");
+        let pool = resp.headers()["x-switchyard-pool"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        out.insert(key.clone(), pool);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sticky_keys_keep_their_pool_and_canary_growth_is_monotone() {
+    let blue = Upstream::start("blue", 0).await;
+    let green = Upstream::start("green", 0).await;
+    let pools = pool("blue", &[(blue.addr, 1)]) + &pool("green", &[(green.addr, 1)]);
+    let sticky = "sticky = { header = \"x-user\" }\n";
+    let proxy = Proxy::start(&(pools.clone() + &split_route("blue = 95, green = 5", sticky))).await;
+    let keys: Vec<String> = (0..400).map(|i| format!("user-{i}")).collect();
+
+    let first = pools_by_key(&proxy, &keys).await;
+    assert_eq!(
+        pools_by_key(&proxy, &keys).await,
+        first,
+        "same key, same pool"
+    );
+    let on_canary: Vec<&String> = keys.iter().filter(|k| first[*k] == "green").collect();
+    assert!(
+        !on_canary.is_empty() && on_canary.len() < 60,
+        "{} keys on green",
+        on_canary.len()
+    );
+
+    let (_, before) = proxy.admin("GET", "/admin/config/status").await;
+    proxy.rewrite(&(pools + &split_route("blue = 75, green = 25", sticky)));
+    assert_eq!(wait_reloaded(&proxy, &before).await["result"], "ok");
+    let grown = pools_by_key(&proxy, &keys).await;
+    for k in &on_canary {
+        assert_eq!(grown[*k], "green", "{k} stayed on the canary");
+    }
+    let now_green = keys.iter().filter(|k| grown[*k] == "green").count();
+    assert!(
+        now_green > on_canary.len() * 2,
+        "the canary grew: {now_green}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forced_pool_only_from_the_allow_list() {
+    let blue = Upstream::start("blue", 0).await;
+    let green = Upstream::start("green", 0).await;
+    let red = Upstream::start("red", 0).await;
+    let body = pool("blue", &[(blue.addr, 1)])
+        + &pool("green", &[(green.addr, 1)])
+        + &pool("red", &[(red.addr, 1)])
+        + &split_route(
+            "blue = 100",
+            "force = { header = \"x-switchyard-pool\", allow = [\"green\"] }\n",
+        );
+    let proxy = Proxy::start(&body).await;
+    let client = proxy.client();
+    for (asked, served) in [("green", "green"), ("red", "blue"), ("nonsense", "blue")] {
+        let resp = client
+            .get(proxy.url("/"))
+            .header("x-switchyard-pool", asked)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            resp.headers()["x-switchyard-pool"],
+            served,
+            "asked for {asked}"
+        );
+    }
+    assert_eq!(red.control.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_edit_under_load_keeps_the_old_routing() {
+    let a = Upstream::start("a", 5).await;
+    let b = Upstream::start("b", 5).await;
+    let pools = pool("p", &[(a.addr, 1), (b.addr, 1)]);
+    let proxy = Proxy::start(&(pools.clone() + &split_route("p = 100", ""))).await;
+    let (_, before) = proxy.admin("GET", "/admin/config/status").await;
+    let load = Load::start(&proxy, 8);
+    sleep_ms(300).await;
+
+    proxy.rewrite(&(pools + &split_route("p = 100, missing = 5", "")));
+    let status = wait_reloaded(&proxy, &before).await;
+    assert_eq!(status["result"], "error");
+    assert_eq!(
+        status["active_hash"], before["active_hash"],
+        "the old config stays"
+    );
+    let error = status["error"].as_str().expect("error text");
+    let file = proxy.config_path().display().to_string();
+    assert!(
+        error.starts_with(&format!("{file}:"))
+            && error.contains("routes[0].split.missing: unknown pool 'missing'"),
+        "{error}"
+    );
+    let line: usize = error[file.len() + 1..]
+        .split(':')
+        .next()
+        .and_then(|l| l.parse().ok())
+        .expect("line");
+    let text = std::fs::read_to_string(proxy.config_path()).expect("config");
+    assert!(
+        text.lines()
+            .nth(line - 1)
+            .is_some_and(|l| l.contains("missing")),
+        "line {line} names the key"
+    );
+
+    let (a0, b0) = (a.control.requests(), b.control.requests());
+    sleep_ms(400).await;
+    load.finish().await;
+    assert!(
+        a.control.requests() > a0 && b.control.requests() > b0,
+        "old routing still serves"
+    );
+    let scrape = proxy.metrics().await;
+    assert_eq!(
+        metric(&scrape, "switchyard_config_reloads_total{result=\"error\"}"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_removes_a_backend_fails_no_request() {
+    let a = Upstream::start("a", 30).await;
+    let b = Upstream::start("b", 30).await;
+    let gone = Upstream::start("gone", 30).await;
+    let proxy = Proxy::start(
+        &(pool("p", &[(a.addr, 1), (b.addr, 1), (gone.addr, 1)]) + &split_route("p = 100", "")),
+    )
+    .await;
+    let (_, before) = proxy.admin("GET", "/admin/config/status").await;
+    let load = Load::start(&proxy, 8);
+    sleep_ms(400).await;
+
+    proxy.rewrite(&(pool("p", &[(a.addr, 1), (b.addr, 1)]) + &split_route("p = 100", "")));
+    assert_eq!(wait_reloaded(&proxy, &before).await["result"], "ok");
+    sleep_ms(200).await;
+    let after_reload = gone.control.requests();
+    sleep_ms(500).await;
+    load.finish().await;
+    assert_eq!(
+        gone.control.requests(),
+        after_reload,
+        "the removed backend gets nothing new"
+    );
+    let entry = backend_entry(&proxy, &gone).await;
+    assert_eq!(entry["state"], "drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_reloads() {
+    let a = Upstream::start("a", 0).await;
+    let proxy = Proxy::start(&(pool("p", &[(a.addr, 1)]) + &split_route("p = 100", ""))).await;
+    proxy.signal(libc::SIGHUP);
+    let mut status = serde_json::Value::Null;
+    let seen = eventually(Duration::from_secs(5), || {
+        status = futures_block(proxy.admin("GET", "/admin/config/status"));
+        status["trigger"] == "sighup"
+    })
+    .await;
+    assert!(seen, "{status}");
+    assert_eq!(status["result"], "ok");
+}
+
+/// Runs an admin call from a synchronous `eventually` condition.
+fn futures_block<F: std::future::Future<Output = (u16, serde_json::Value)>>(
+    f: F,
+) -> serde_json::Value {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f)).1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_upgrade_under_load_keeps_drains() {
+    let a = Upstream::start("a", 10).await;
+    let b = Upstream::start("b", 10).await;
+    let drained = Upstream::start("drained", 10).await;
+    let body =
+        pool("p", &[(a.addr, 1), (b.addr, 1), (drained.addr, 1)]) + &split_route("p = 100", "");
+    let mut proxy = Proxy::start(&body).await;
+    let (status, _) = proxy
+        .admin(
+            "POST",
+            &format!("/admin/backends/{}/drain?wait=5s", drained.addr),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let at_drain = drained.control.requests();
+
+    let load = Load::start(&proxy, 8);
+    sleep_ms(400).await;
+    proxy.upgrade().await;
+    // The old instance hands over its sockets, finishes its requests and
+    // exits; then the new one serves alone.
+    proxy.wait_retired(Duration::from_secs(20)).await;
+    sleep_ms(300).await;
+    load.finish().await;
+    assert_eq!(
+        drained.control.requests(),
+        at_drain,
+        "the drain held across the upgrade"
+    );
+    let entry = backend_entry(&proxy, &drained).await;
+    assert_eq!(
+        entry["state"], "drained",
+        "the new instance restored the drain"
+    );
+}
