@@ -27,7 +27,9 @@ pub struct BatcherConfig {
 /// Handed back by the inference thread once the model is loaded and warm.
 pub struct Loaded {
     pub info: ModelInfo,
-    pub tokenizer: TextTokenizer,
+    /// Shared, not cloned per request: a clone copies the whole vocabulary,
+    /// which cost milliseconds per request.
+    pub tokenizer: Arc<TextTokenizer>,
 }
 
 pub type Embedding = Vec<f32>;
@@ -103,6 +105,7 @@ impl Batcher {
                     tokenizer,
                     encoder,
                 } = model;
+                let tokenizer = Arc::new(tokenizer);
                 if loaded_tx.send(Ok(Loaded { info, tokenizer })).is_err() {
                     return;
                 }

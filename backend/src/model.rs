@@ -34,7 +34,6 @@ pub struct Tokens {
 
 /// Thread-safe and cheap to call from request handlers, so tokenisation never
 /// competes with the matmul thread pool.
-#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
 }
