@@ -454,7 +454,7 @@ fn request_id(req: &RequestHeader) -> String {
 
 /// Approximate size of the request head as sent on HTTP/1.1.
 fn head_size(req: &RequestHeader) -> usize {
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    let line = req.method.as_str().len() + req.raw_path().len() + 12;
     req.headers
         .iter()
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)

@@ -4,10 +4,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use pingora::services::listening::Service;
+use std::time::{Duration, Instant};
 
 use crate::admin::{Admin, Redirect};
 use crate::config::{Config, HttpMode};
@@ -120,4 +124,40 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         "switchyard reload",
         Reloader::new(shared.clone()),
     ));
+    server.add_service(background_service(
+        "switchyard drain on exit",
+        ExitWhenIdle(shared.clone()),
+    ));
+}
+
+/// No request may be in flight for this long before a shutting-down
+/// process exits: it covers requests between being read and being leased.
+const IDLE_BEFORE_EXIT: Duration = Duration::from_millis(300);
+
+/// Pingora sleeps through the whole grace period after SIGTERM (or after
+/// handing its sockets over in an upgrade) even when nothing is left to
+/// finish. This exits as soon as no request has been in flight for
+/// [`IDLE_BEFORE_EXIT`]; `grace_period` stays the upper bound.
+struct ExitWhenIdle(Arc<Shared>);
+
+#[async_trait]
+impl BackgroundService for ExitWhenIdle {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+        let mut idle_since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let busy = self.0.registry.all().iter().any(|b| b.in_flight() > 0);
+            if busy {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() >= IDLE_BEFORE_EXIT {
+                tracing::info!(
+                    "shutdown: no request in flight, exiting before the grace period ends"
+                );
+                std::process::exit(0);
+            }
+        }
+    }
 }

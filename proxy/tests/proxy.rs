@@ -222,6 +222,31 @@ async fn repeated_5xx_ejects_a_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ejected_backend_returns_after_its_ejection_once_checks_pass() {
+    let flaky = Upstream::start("flaky", 0).await;
+    let good = Upstream::start("good", 0).await;
+    flaky.control.set(&flaky.control.failing, true);
+    let body = pool("p", &[(flaky.addr, 1), (good.addr, 1)])
+        + &route("p")
+        + "[passive]\nfailures = 2\nejection_base = \"400ms\"\nejection_max = \"2s\"\n";
+    let proxy = Proxy::start(&body).await;
+    let client = proxy.client();
+    load(&client, &proxy.url("/"), 1, 20).await;
+    assert_eq!(flaky.control.requests(), 2, "ejected after 2 failures");
+
+    flaky.control.set(&flaky.control.failing, false);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let results = load(&client, &proxy.url("/"), 2, 60).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|o| o.status == 200)));
+    assert!(
+        flaky.control.requests() > 2,
+        "back in rotation after the ejection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_and_forwarding_headers() {
     let up = Upstream::start("up", 0).await;
     let body = pool("p", &[(up.addr, 1)])
@@ -330,9 +355,8 @@ async fn metrics_cover_requests_health_and_reports() {
     let proxy = Proxy::start(&body).await;
     let results = load(&proxy.client(), &proxy.url("/"), 4, 20).await;
     assert_eq!(results.len(), 20);
-    let scrape = proxy.metrics().await;
     let b = up.addr.to_string();
-    for (sample, value) in [
+    let expected = [
         (
             format!("switchyard_requests_total{{backend=\"{b}\",code_class=\"2xx\",pool=\"p\"}}"),
             20.0,
@@ -360,8 +384,19 @@ async fn metrics_cover_requests_health_and_reports() {
             format!("switchyard_upstream_ejections_total{{backend=\"{b}\"}}"),
             0.0,
         ),
-    ] {
-        assert_eq!(metric(&scrape, &sample), Some(value), "{sample}");
+    ];
+    // The access log and counters run just after the response is sent, so
+    // the last requests may take a moment to show.
+    let mut scrape = String::new();
+    for _ in 0..50 {
+        scrape = proxy.metrics().await;
+        if expected.iter().all(|(s, v)| metric(&scrape, s) == Some(*v)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (sample, value) in &expected {
+        assert_eq!(metric(&scrape, sample), Some(*value), "{sample}");
     }
     let checks = format!("switchyard_health_checks_total{{backend=\"{b}\",result=\"pass\"}}");
     assert!(metric(&scrape, &checks).unwrap_or(0.0) >= 2.0);

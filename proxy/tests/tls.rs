@@ -151,6 +151,35 @@ async fn http_listener_can_serve() {
     assert_eq!(echo["x-forwarded-proto"], "http");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let up = Upstream::start("up", 0).await;
+    let proxy = Proxy::start(&single_pool(&up)).await;
+    let next = proxy.dir.path().join("next");
+    std::fs::create_dir(&next).expect("mkdir");
+    let rotated = common::generate_certs(&next);
+    let url = proxy.url("/");
+    let trusts_new = || async { proxy.client_trusting(&rotated.pem).get(&url).send().await };
+    assert!(trusts_new().await.is_err(), "the new CA is not in use yet");
+
+    // Key first, then certificate, each renamed into place (as certs/gen-dev-certs does).
+    std::fs::rename(&rotated.key, proxy.dir.path().join("key.pem")).expect("rename key");
+    std::fs::rename(&rotated.cert, proxy.dir.path().join("cert.pem")).expect("rename cert");
+    let mut served = false;
+    for _ in 0..100 {
+        if trusts_new().await.is_ok_and(|r| r.status() == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "new handshakes get the new certificate within 5 s; log:\n{}",
+        proxy.log()
+    );
+}
+
 async fn wait_for_port(addr: std::net::SocketAddr) {
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {

@@ -474,3 +474,36 @@ async fn graceful_upgrade_under_load_keeps_drains() {
         "the new instance restored the drain"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_in_flight_requests_then_exits_early() {
+    let slow = Upstream::start("slow", 600).await;
+    let server =
+        "[server]\ngrace_period = \"20s\"\nrun_dir = \"run\"\nstate_file = \"run/state.json\"\n";
+    let body = format!(
+        "{server}{}{}",
+        pool("p", &[(slow.addr, 1)]),
+        split_route("p = 100", "")
+    );
+    let mut proxy = Proxy::start(&body).await;
+    let (client, url) = (proxy.client(), proxy.url("/"));
+    let request =
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    assert!(eventually(Duration::from_secs(2), || slow.control.requests() == 1).await);
+
+    let started = std::time::Instant::now();
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(
+        request
+            .await
+            .expect("join")
+            .expect("in-flight request completes"),
+        200
+    );
+    let code = proxy.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited well before the 20 s grace period"
+    );
+}

@@ -130,7 +130,8 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the proxy with `body` appended to generated `[server]`,
     /// `[listeners.https]` and `[admin]` sections. `{http_port}` in `body`
-    /// is replaced with a free port. `[health]` defaults to [`FAST_HEALTH`].
+    /// is replaced with a free port. `[health]` defaults to [`FAST_HEALTH`]
+    /// and `[server]` to [`TEST_SERVER`].
     pub async fn start(body: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = generate_certs(dir.path());
@@ -138,9 +139,7 @@ impl Proxy {
         let http_port = free_port();
         let http = body.contains("{http_port}").then(|| loopback(http_port));
         let header = format!(
-            "[server]\nthreads = 2\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n\
-             run_dir = \"run\"\nstate_file = \"run/state.json\"\n\n\
-             [listeners.https]\naddress = \"{https}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
+            "[listeners.https]\naddress = \"{https}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
              [admin]\naddress = \"{admin}\"\ntoken_file = \"admin-token\"\n\n"
         );
         std::fs::write(dir.path().join("admin-token"), ADMIN_TOKEN).expect("write token");
@@ -203,6 +202,22 @@ impl Proxy {
         }
     }
 
+    /// Waits for the running instance to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy still running; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends `sig` to the running instance.
     pub fn signal(&self, sig: i32) {
         signal(&self.child, sig);
@@ -257,16 +272,26 @@ impl Proxy {
 
     /// An HTTPS client trusting this proxy's certificate (h2 via ALPN).
     pub fn client(&self) -> reqwest::Client {
-        self.client_builder().build().expect("client")
+        self.client_builder(&self.certs.pem)
+            .build()
+            .expect("client")
     }
 
     /// An HTTPS client limited to HTTP/1.1.
     pub fn client_h1(&self) -> reqwest::Client {
-        self.client_builder().http1_only().build().expect("client")
+        self.client_builder(&self.certs.pem)
+            .http1_only()
+            .build()
+            .expect("client")
     }
 
-    fn client_builder(&self) -> reqwest::ClientBuilder {
-        let ca = reqwest::Certificate::from_pem(&self.certs.pem).expect("parse cert");
+    /// An HTTPS client trusting only the CA certificate `ca_pem`.
+    pub fn client_trusting(&self, ca_pem: &[u8]) -> reqwest::Client {
+        self.client_builder(ca_pem).build().expect("client")
+    }
+
+    fn client_builder(&self, ca_pem: &[u8]) -> reqwest::ClientBuilder {
+        let ca = reqwest::Certificate::from_pem(ca_pem).expect("parse cert");
         reqwest::Client::builder()
             .use_rustls_tls()
             .add_root_certificate(ca)
@@ -305,13 +330,18 @@ fn read_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
 }
 
+/// Short shutdown periods so that tests end quickly.
+pub const TEST_SERVER: &str = "[server]\nthreads = 2\ngrace_period = \"1s\"\n\
+    shutdown_timeout = \"1s\"\nrun_dir = \"run\"\nstate_file = \"run/state.json\"\n\n";
+
 fn compose(header: &str, body: &str) -> String {
-    let health = if body.contains("[health]") {
-        ""
-    } else {
-        FAST_HEALTH
-    };
-    format!("{header}{health}{body}")
+    let default =
+        |section: &str, text: &'static str| if body.contains(section) { "" } else { text };
+    let (server, health) = (
+        default("[server]", TEST_SERVER),
+        default("[health]", FAST_HEALTH),
+    );
+    format!("{server}{header}{health}{body}")
 }
 
 /// `switchyard run` on `dir/switchyard.toml`, appending to `dir/proxy.log`.
