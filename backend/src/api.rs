@@ -25,6 +25,9 @@ use crate::state::AppState;
 pub const INSTANCE_HEADER: &str = "x-switchyard-instance";
 pub const VERSION_HEADER: &str = "x-switchyard-version";
 
+/// Requests with at most this much text are tokenised on the async worker.
+const INLINE_TOKENIZE_BYTES: usize = 2048;
+
 /// Seconds a client should wait before retrying on this backend.
 const RETRY_AFTER_SECS: &str = "1";
 
@@ -277,15 +280,14 @@ async fn serve_embeddings(
 
     inject_faults(state).await?;
     let arrival = state.batcher.arrival();
+    let text_bytes: usize = texts.iter().map(String::len).sum();
 
     let tokenizer = loaded.tokenizer.clone();
     let fingerprint = state
         .cache
         .enabled()
         .then(|| loaded.info.fingerprint.clone());
-    // Tokenising a full request can take milliseconds; keep it off the
-    // async workers.
-    let (tokens, keys) = tokio::task::spawn_blocking(move || {
+    let prepare = move || {
         let tokens = texts
             .iter()
             .map(|t| tokenizer.encode(t))
@@ -295,9 +297,17 @@ async fn serve_embeddings(
             None => Vec::new(),
         };
         (tokens, keys)
-    })
-    .await
-    .map_err(|e| server_error(format!("tokenizer task failed: {e}")))?;
+    };
+    // A few short texts tokenise in microseconds, less than a hop to the
+    // blocking pool costs; a full request can take milliseconds, which must
+    // not stall an async worker.
+    let (tokens, keys) = if text_bytes <= INLINE_TOKENIZE_BYTES {
+        prepare()
+    } else {
+        tokio::task::spawn_blocking(prepare)
+            .await
+            .map_err(|e| server_error(format!("tokenizer task failed: {e}")))?
+    };
     let tokens = tokens.map_err(|e| server_error(format!("tokenizing failed: {e}")))?;
     let prompt_tokens = tokens.iter().map(|t| t.ids.len()).sum();
 
