@@ -240,7 +240,7 @@ async fn a_hung_redis_costs_no_more_than_the_time_budget() {
             assert_eq!(vectors.len(), 1);
             let took = started.elapsed();
             assert!(
-                took < std::time::Duration::from_millis(500),
+                took < std::time::Duration::from_millis(1000),
                 "a hung redis held a request for {took:?}"
             );
         }

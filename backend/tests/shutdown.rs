@@ -50,7 +50,7 @@ async fn spawn_ready(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_every_request_in_flight_then_exits_zero() {
     bounded(async {
-        let (_dir, mut server, client) = spawn_ready("1500ms", "20s").await;
+        let (_dir, mut server, client) = spawn_ready("3s", "20s").await;
 
         let requests: Vec<_> = (0..8)
             .map(|i| {
