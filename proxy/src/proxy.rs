@@ -6,6 +6,7 @@
 //! yet tried while the retry budget, the time budget and the replayable
 //! body allow.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use prometheus::IntCounter;
+use serde::Serialize;
 
 use crate::metrics::code_class;
 use crate::routing::{Lease, Pool};
@@ -484,6 +486,32 @@ fn scheme(session: &Session) -> &'static str {
     }
 }
 
+/// One access-log line. Written directly as JSON (same shape as the
+/// other log lines): going through `tracing`'s JSON formatter cost about
+/// 40 % of the proxy's throughput in a TLS keep-alive benchmark.
+#[derive(Serialize)]
+struct AccessLine<'a> {
+    timestamp: String,
+    level: &'static str,
+    target: &'static str,
+    request_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    pool: &'a str,
+    backend: &'a str,
+    duration_ms: f64,
+    attempts: u32,
+    retries: u32,
+    bytes_in: u64,
+    bytes_out: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Target of the access log; `RUST_LOG=info,switchyard::access=off` silences it.
+const ACCESS_TARGET: &str = "switchyard::access";
+
 fn log_access(
     session: &Session,
     ctx: &Ctx,
@@ -492,20 +520,31 @@ fn log_access(
     backend: &str,
     e: Option<&Error>,
 ) {
+    if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+        return;
+    }
     let req = session.req_header();
-    tracing::info!(
-        target: "switchyard::access",
-        request_id = %ctx.request_id,
-        method = %req.method,
-        path = %req.uri.path(),
+    let line = AccessLine {
+        timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        level: "INFO",
+        target: ACCESS_TARGET,
+        request_id: &ctx.request_id,
+        method: req.method.as_str(),
+        path: req.uri.path(),
         status,
-        pool = ctx.pool.as_ref().map_or("", |p| p.name.as_str()),
+        pool: ctx.pool.as_ref().map_or("", |p| p.name.as_str()),
         backend,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        attempts = ctx.attempts,
-        retries = ctx.attempts.saturating_sub(1),
-        bytes_in = ctx.body_bytes,
-        bytes_out = session.body_bytes_sent(),
-        error = e.map(|e| e.to_string()),
-    );
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        attempts: ctx.attempts,
+        retries: ctx.attempts.saturating_sub(1),
+        bytes_in: ctx.body_bytes,
+        bytes_out: session.body_bytes_sent(),
+        error: e.map(|e| e.to_string()),
+    };
+    let mut buf = Vec::with_capacity(320);
+    if serde_json::to_writer(&mut buf, &line).is_ok() {
+        buf.push(b'\n');
+        // One write per line keeps lines whole when threads interleave.
+        let _ = std::io::stderr().lock().write_all(&buf);
+    }
 }

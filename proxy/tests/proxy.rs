@@ -295,6 +295,14 @@ async fn limits_and_forwarding_headers() {
     assert_eq!(echo["x-forwarded-for"], "127.0.0.1");
     assert_eq!(echo["x-forwarded-proto"], "https");
 
+    // The access log is one JSON line per request.
+    let line = access_line(&proxy, "req-123").await;
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["pool"], "p");
+    assert_eq!(line["backend"], up.addr.to_string().as_str());
+    assert_eq!(line["retries"], 0);
+    assert!(line["duration_ms"].is_number() && line["bytes_out"].as_u64() > Some(0));
+
     let resp = client.get(&url).send().await.expect("request");
     let id = resp.headers()["x-request-id"]
         .to_str()
@@ -303,6 +311,21 @@ async fn limits_and_forwarding_headers() {
     let echo: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(id.len(), 32, "a generated id");
     assert_eq!(echo["x-request-id"], id.as_str());
+}
+
+/// The access-log entry of request `id`, once the proxy has written it.
+async fn access_line(proxy: &Proxy, id: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        let found = proxy.log().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["target"] == "switchyard::access" && v["request_id"] == id).then_some(v)
+        });
+        if let Some(v) = found {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no access log line for {id}; log:\n{}", proxy.log());
 }
 
 /// POSTs `size` bytes with `Transfer-Encoding: chunked` through curl;

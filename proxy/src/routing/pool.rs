@@ -85,3 +85,89 @@ impl Pool {
         best
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendSpec;
+    use crate::routing::Lease;
+
+    fn pool_of(weights: &[u32]) -> Pool {
+        let spec = PoolSpec {
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let addr: SocketAddr =
+                        format!("127.0.0.1:{}", 10_000 + i).parse().expect("addr");
+                    BackendSpec {
+                        address: addr.to_string(),
+                        weight: *w,
+                        socket: Some(addr),
+                    }
+                })
+                .collect(),
+        };
+        let pool = Pool::build(
+            "p",
+            &spec,
+            &Registry::default(),
+            &Metrics::new(),
+            Duration::from_secs(3),
+        );
+        for m in &pool.members {
+            m.backend.set_healthy(true);
+            m.backend.set_ready(true);
+        }
+        pool
+    }
+
+    #[test]
+    fn lowest_load_per_weight_wins() {
+        let pool = pool_of(&[1, 2]);
+        let _busy = [Lease::new(pool.members[0].backend.clone())];
+        // Member 0: 1/1; member 1: 0/2.
+        assert_eq!(pool.pick(&[]), Some(1));
+        let _more = [
+            Lease::new(pool.members[1].backend.clone()),
+            Lease::new(pool.members[1].backend.clone()),
+            Lease::new(pool.members[1].backend.clone()),
+        ];
+        // Member 0: 1/1 = 1; member 1: 3/2 = 1.5.
+        assert_eq!(pool.pick(&[]), Some(0));
+    }
+
+    #[test]
+    fn skips_tried_ineligible_and_zero_weight_members() {
+        let pool = pool_of(&[1, 1, 0, 1]);
+        pool.members[0].backend.set_draining(true);
+        let tried = [pool.members[1].backend.addr];
+        assert_eq!(pool.pick(&tried), Some(3));
+        pool.members[3].backend.set_ready(false);
+        assert_eq!(pool.pick(&tried), None);
+    }
+
+    #[test]
+    fn idle_ties_split_by_weight() {
+        let pool = pool_of(&[3, 1]);
+        let heavy = (0..20_000).filter(|_| pool.pick(&[]) == Some(0)).count();
+        let share = heavy as f64 / 20_000.0;
+        assert!((0.72..0.78).contains(&share), "{share}");
+    }
+
+    /// `cargo test --release -p switchyard pick_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing, run by hand"]
+    fn pick_cost_with_300_backends() {
+        let pool = pool_of(&[1; 300]);
+        let rounds = 200_000;
+        let start = std::time::Instant::now();
+        for _ in 0..rounds {
+            std::hint::black_box(pool.pick(&[]));
+        }
+        println!(
+            "pick over 300 backends: {:?} per call",
+            start.elapsed() / rounds
+        );
+    }
+}
