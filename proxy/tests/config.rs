@@ -7,12 +7,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn check(config: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("check")
+    check_with_token(config, None)
+}
+
+/// `switchyard check` with `SWITCHYARD_ADMIN_TOKEN` set to `token` or unset.
+fn check_with_token(config: &Path, token: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    match token {
+        Some(t) => cmd.env("SWITCHYARD_ADMIN_TOKEN", t),
+        None => cmd.env_remove("SWITCHYARD_ADMIN_TOKEN"),
+    };
+    cmd.arg("check")
         .arg("--config")
         .arg(config)
-        // The annotated example reads its admin token from this variable.
-        .env("SWITCHYARD_ADMIN_TOKEN", "example")
         .output()
         .expect("run switchyard check")
 }
@@ -239,7 +246,7 @@ const CASES: &[Case] = &[
         edit: ("[health]", "[admin]\naddress = \"0.0.0.0:9901\"\n\n[health]"),
         key: "admin.address",
         line_of: "0.0.0.0:9901",
-        message: "needs token_env or token_file",
+        message: "needs a token: set SWITCHYARD_ADMIN_TOKEN, token_env or token_file",
     },
     Case {
         name: "admin token variable not set",
@@ -339,6 +346,25 @@ fn every_invalid_config_is_refused_with_file_line_and_key() {
 }
 
 #[test]
+fn a_public_admin_address_takes_the_token_from_the_environment() {
+    let dir = workdir();
+    let path = dir.path().join("public-admin.toml");
+    let text = BASE.replacen(
+        "[health]",
+        "[admin]\naddress = \"0.0.0.0:9901\"\n\n[health]",
+        1,
+    );
+    std::fs::write(&path, text).expect("write");
+    assert!(!check_with_token(&path, None).status.success());
+    let out = check_with_token(&path, Some("secret"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_missing_file_is_reported() {
     let out = check(Path::new("/nonexistent/switchyard.toml"));
     assert!(!out.status.success());
@@ -357,7 +383,8 @@ fn the_annotated_example_is_valid() {
     std::fs::rename(&generated.key, certs.join("server.key")).expect("rename");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/switchyard.toml");
     std::fs::copy(&example, config.join("switchyard.toml")).expect("copy example");
-    let out = check(&config.join("switchyard.toml"));
+    // The annotated example reads its admin token from this variable.
+    let out = check_with_token(&config.join("switchyard.toml"), Some("example"));
     assert!(
         out.status.success(),
         "{}",

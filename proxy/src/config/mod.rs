@@ -118,7 +118,8 @@ pub enum HttpMode {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     pub address: SocketAddr,
-    /// Environment variable holding the bearer token for `/admin/*`.
+    /// Environment variable holding the bearer token for `/admin/*`
+    /// (without this and `token_file`: `SWITCHYARD_ADMIN_TOKEN`, if set).
     pub token_env: Option<String>,
     /// File holding the bearer token (surrounding whitespace ignored).
     pub token_file: Option<PathBuf>,

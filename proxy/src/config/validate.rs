@@ -96,7 +96,8 @@ impl Validator {
                     format!("cannot read {}: {e}", file.display()),
                 )
             }),
-            (None, None) => Ok(String::new()),
+            // Neither set: the conventional variable, when present.
+            (None, None) => Ok(std::env::var(DEFAULT_TOKEN_ENV).unwrap_or_default()),
         };
         match token.map(|t| t.trim().to_string()) {
             Ok(t) if t.is_empty() && (a.token_env.is_some() || a.token_file.is_some()) => {
@@ -109,7 +110,9 @@ impl Validator {
             }
             Ok(t) if t.is_empty() => {
                 if !a.address.ip().is_loopback() {
-                    let msg = "a non-loopback admin address needs token_env or token_file";
+                    let msg = format!(
+                        "a non-loopback admin address needs a token: set {DEFAULT_TOKEN_ENV}, token_env or token_file"
+                    );
                     self.fail(root.key("address"), msg);
                 }
             }
@@ -348,6 +351,9 @@ impl Validator {
         }
     }
 }
+
+/// Read for the admin token when neither `token_env` nor `token_file` is set.
+pub const DEFAULT_TOKEN_ENV: &str = "SWITCHYARD_ADMIN_TOKEN";
 
 /// Resolves `host:port` once; runtime state is keyed by the result.
 fn resolve(address: &str) -> Result<SocketAddr, String> {
