@@ -64,7 +64,6 @@ pub struct Ctx {
     /// Set when a 503 was turned into a retryable error.
     retrying_503: bool,
     refusal: Option<Refusal>,
-    body_bytes: u64,
 }
 
 impl Ctx {
@@ -96,7 +95,6 @@ impl ProxyHttp for Switchyard {
             attempts: 0,
             retrying_503: false,
             refusal: None,
-            body_bytes: 0,
         }
     }
 
@@ -145,15 +143,15 @@ impl ProxyHttp for Switchyard {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
+        session: &mut Session,
+        _body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(chunk) = body else { return Ok(()) };
-        ctx.body_bytes += chunk.len() as u64;
+        // Bytes read from the client: a replay on retry does not add to it.
+        let read = session.body_bytes_read() as u64;
         let max = ctx.config().limits.max_body_bytes;
-        if ctx.body_bytes > max {
+        if read > max {
             return Error::e_explain(
                 ErrorType::HTTPStatus(413),
                 format!("request body exceeds {max} bytes"),
@@ -356,7 +354,7 @@ impl Switchyard {
     fn may_retry(&self, session: &Session, ctx: &Ctx) -> bool {
         let config = ctx.config();
         let body_fits = !session.as_ref().retry_buffer_truncated()
-            && ctx.body_bytes <= config.retry.buffer_body_max as u64
+            && session.body_bytes_read() <= config.retry.buffer_body_max
             && content_length(session.req_header())
                 .is_none_or(|n| n <= config.retry.buffer_body_max as u64);
         ctx.attempts <= config.retry.retries
@@ -503,7 +501,7 @@ struct AccessLine<'a> {
     duration_ms: f64,
     attempts: u32,
     retries: u32,
-    bytes_in: u64,
+    bytes_in: usize,
     bytes_out: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
@@ -537,7 +535,7 @@ fn log_access(
         duration_ms: elapsed.as_secs_f64() * 1000.0,
         attempts: ctx.attempts,
         retries: ctx.attempts.saturating_sub(1),
-        bytes_in: ctx.body_bytes,
+        bytes_in: session.body_bytes_read(),
         bytes_out: session.body_bytes_sent(),
         error: e.map(|e| e.to_string()),
     };

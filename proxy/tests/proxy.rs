@@ -130,15 +130,19 @@ async fn sigkill_of_a_backend_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overloaded_503_is_retried_on_a_sibling_with_its_body() {
+    // Two overloaded backends: some requests need all three attempts, and
+    // the body must replay whole each time.
     let busy = Upstream::start("busy", 0).await;
+    let busy2 = Upstream::start("busy2", 0).await;
     let ok = Upstream::start("ok", 0).await;
     busy.control.set(&busy.control.overloaded, true);
-    let body = pool("p", &[(busy.addr, 1), (ok.addr, 1)]) + &route("p");
+    busy2.control.set(&busy2.control.overloaded, true);
+    let body = pool("p", &[(busy.addr, 1), (busy2.addr, 1), (ok.addr, 1)]) + &route("p");
     let proxy = Proxy::start(&body).await;
     let client = proxy.client();
 
     let payload = "x".repeat(40_000);
-    for _ in 0..20 {
+    for _ in 0..30 {
         let resp = client
             .post(proxy.url("/v1/embeddings"))
             .body(payload.clone())
@@ -150,13 +154,14 @@ async fn overloaded_503_is_retried_on_a_sibling_with_its_body() {
         assert_eq!(echo["instance"], "ok");
         assert_eq!(echo["body_bytes"], 40_000, "the replayed body is complete");
     }
+    let tried_busy = busy.control.requests() + busy2.control.requests();
     assert!(
-        busy.control.requests() > 0,
-        "the overloaded backend was tried"
+        busy.control.requests() > 0 && busy2.control.requests() > 0,
+        "the overloaded backends were tried"
     );
     let scrape = proxy.metrics().await;
     let retries = metric(&scrape, "switchyard_retries_total{pool=\"p\"}").unwrap_or(0.0);
-    assert_eq!(retries, busy.control.requests() as f64);
+    assert_eq!(retries, tried_busy as f64, "one retry per 503");
     // Overload is load shedding, not a fault: no ejection.
     let ejections = format!(
         "switchyard_upstream_ejections_total{{backend=\"{}\"}}",
