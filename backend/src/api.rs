@@ -321,7 +321,11 @@ async fn serve_embeddings(
         .filter(|&i| vectors[i].is_none())
         .collect();
     if !missing.is_empty() {
-        let inputs = missing.iter().map(|&i| tokens[i].clone()).collect();
+        let inputs = tokens
+            .into_iter()
+            .zip(&vectors)
+            .filter_map(|(tokens, cached)| cached.is_none().then_some(tokens))
+            .collect();
         let replies = state.batcher.submit(arrival, inputs).map_err(|_| {
             let error = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
