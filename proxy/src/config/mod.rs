@@ -436,13 +436,21 @@ impl Config {
                 .iter()
                 .map(|(p, w)| format!("{p}={w}"))
                 .collect();
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "route host={} path_prefix={} -> {}",
                 r.host.as_deref().unwrap_or("*"),
                 r.path_prefix,
                 split.join(",")
             );
+            if let Some(s) = &r.sticky {
+                let key = s.header.as_deref().or(s.cookie.as_deref()).unwrap_or("");
+                let _ = write!(out, " sticky={key}");
+            }
+            if let Some(f) = &r.force {
+                let _ = write!(out, " force={}:{}", f.header, f.allow.join("|"));
+            }
+            let _ = writeln!(out);
         }
         out
     }

@@ -278,6 +278,19 @@ mod tests {
     }
 
     #[test]
+    fn sticky_keys_come_from_headers_or_cookies() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("request");
+        req.insert_header("x-user", "u1").expect("header");
+        req.append_header("cookie", "a=1; sid=abc").expect("header");
+        let header = StickyKey::Header(HeaderName::from_static("x-user"));
+        assert_eq!(sticky_value(&header, &req), Some(&b"u1"[..]));
+        let cookie = StickyKey::Cookie("sid".to_string());
+        assert_eq!(sticky_value(&cookie, &req), Some(&b"abc"[..]));
+        let missing = StickyKey::Cookie("other".to_string());
+        assert_eq!(sticky_value(&missing, &req), None);
+    }
+
+    #[test]
     fn ports_are_ignored() {
         assert_eq!(strip_port("example.com:8443"), "example.com");
         assert_eq!(strip_port("[::1]:8443"), "[::1]");
