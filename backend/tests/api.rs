@@ -490,39 +490,74 @@ async fn a_full_queue_answers_503_with_retry_after() {
             ],
         ))
         .await;
-        let text = "the quick brown fox jumps over the lazy dog ".repeat(20);
-        let requests = (0..24).map(|_| {
+        // Watches readiness during the burst: a full queue must read as
+        // "overloaded" while staying ready (200).
+        let overloaded = tokio::spawn({
             let client = server.client.clone();
-            let url = server.url("/v1/embeddings");
-            let body = json!({"input": [text, text, text, text]});
-            tokio::spawn(async move {
-                let response = client.post(url).json(&body).send().await.unwrap();
-                let status = response.status().as_u16();
-                let retry_after = response.headers().get("retry-after").cloned();
-                let body: Value = response.json().await.unwrap();
-                (status, retry_after, body)
-            })
+            let url = server.url("/health/ready");
+            async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while std::time::Instant::now() < deadline {
+                    let response = client.get(&url).send().await.unwrap();
+                    let code = response.status().as_u16();
+                    let report: Value = response.json().await.unwrap();
+                    if report["status"] == "overloaded" {
+                        return Some((code, report));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                None
+            }
         });
+        let text = "the quick brown fox jumps over the lazy dog ".repeat(20);
         let mut rejected = 0;
         let mut served = 0;
-        for request in requests.collect::<Vec<_>>() {
-            let (status, retry_after, body) = request.await.unwrap();
-            match status {
-                200 => served += 1,
-                503 => {
-                    rejected += 1;
-                    assert_eq!(retry_after.unwrap(), "1");
-                    assert_eq!(body["error"]["type"], "overloaded_error");
-                    assert_eq!(body["error"]["code"], "queue_full");
+        // Waves of 24 concurrent requests, until the watcher has seen the
+        // full queue (the first wave almost always suffices).
+        for _wave in 0..5 {
+            let requests: Vec<_> = (0..24)
+                .map(|_| {
+                    let client = server.client.clone();
+                    let url = server.url("/v1/embeddings");
+                    let body = json!({"input": [text, text, text, text]});
+                    tokio::spawn(async move {
+                        let response = client.post(url).json(&body).send().await.unwrap();
+                        let status = response.status().as_u16();
+                        let retry_after = response.headers().get("retry-after").cloned();
+                        let body: Value = response.json().await.unwrap();
+                        (status, retry_after, body)
+                    })
+                })
+                .collect();
+            for request in requests {
+                let (status, retry_after, body) = request.await.unwrap();
+                match status {
+                    200 => served += 1,
+                    503 => {
+                        rejected += 1;
+                        assert_eq!(retry_after.unwrap(), "1");
+                        assert_eq!(body["error"]["type"], "overloaded_error");
+                        assert_eq!(body["error"]["code"], "queue_full");
+                    }
+                    other => panic!("unexpected status {other}: {body}"),
                 }
-                other => panic!("unexpected status {other}: {body}"),
+            }
+            if overloaded.is_finished() {
+                break;
             }
         }
         assert!(
             rejected > 0,
-            "24 concurrent requests never filled a queue of 4"
+            "waves of 24 concurrent requests never filled a queue of 4"
         );
         assert!(served > 0);
+        let (code, report) = overloaded
+            .await
+            .unwrap()
+            .expect("readiness never said overloaded");
+        assert_eq!(code, 200, "{report}");
+        assert_eq!(report["ready"], true);
+        assert_eq!(report["queue_depth"], report["queue_capacity"]);
         let metrics = server.metrics().await;
         assert_eq!(
             metric_value(
