@@ -211,10 +211,6 @@ impl Metrics {
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     pub fn backend(&self, backend: &str) -> BackendMetrics {
         let checks = |result| self.health_checks.with_label_values(&[backend, result]);
         BackendMetrics {

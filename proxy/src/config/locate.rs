@@ -35,10 +35,6 @@ impl KeyPath {
         segs.push(Seg::Index(index));
         Self(segs)
     }
-
-    pub fn is_root(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl fmt::Display for KeyPath {
