@@ -72,7 +72,8 @@ pub struct Config {
     pub max_batch: usize,
 
     /// How long a batch may wait for more inputs after its first one arrived
-    /// (e.g. 2ms, 0s). Trades single-request latency for throughput.
+    /// (e.g. 2ms, 0s). It waits only while other requests are on their way to
+    /// the queue, so a lone request never pays it.
     #[arg(long, env = "SWITCHYARD_BACKEND_MAX_WAIT", default_value = "2ms", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
 
