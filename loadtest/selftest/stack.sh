@@ -83,3 +83,7 @@ stack_stop() {
     for pid in "${STACK_PIDS[@]}"; do lt_wait_pid_exit "$pid" 5 || kill -KILL "$pid" 2>/dev/null || true; done
     STACK_PIDS=()
 }
+
+stack_proxy_pid() {
+    echo "${STACK_PID_OF[proxy]}"
+}

@@ -41,13 +41,24 @@ stack_prepare() {
   certs/gen-dev-certs --quiet
 }
 
+# Appends to the log: an upgraded proxy or a restarted backend writes after
+# the process it replaces. The proxy's pid lives in a file, not STACK_PIDS,
+# because a graceful upgrade (possibly from another shell) replaces it.
 stack_spawn() { # name, then the command
   local name=$1
   shift
-  "$@" >"$STACK_RUN/$name.log" 2>&1 &
-  STACK_PIDS+=($!)
+  "$@" >>"$STACK_RUN/$name.log" 2>&1 &
   STACK_PID_OF[$name]=$!
+  if [[ $name == proxy ]]; then
+    echo $! >"$STACK_RUN/proxy.pid"
+  else
+    STACK_PIDS+=($!)
+  fi
   stack_log "started $name (pid $!), log $STACK_RUN/$name.log"
+}
+
+stack_proxy_pid() {
+  cat "$STACK_RUN/proxy.pid" 2>/dev/null
 }
 
 # Starts (or restarts, after a kill) one backend of the fixed fleet.
@@ -68,14 +79,34 @@ stack_proxy() { # extra switchyard run arguments (e.g. --upgrade)
   stack_spawn proxy target/release/switchyard run --config "$STACK_CONFIG" "$@"
 }
 
+# Starts the new binary with --upgrade, waits until it listens on the
+# upgrade socket, then SIGQUITs the old one, which hands over its listening
+# sockets, finishes its in-flight requests and exits.
+stack_upgrade_proxy() {
+  local old sock=$STACK_RUN/upgrade.sock
+  old=$(stack_proxy_pid)
+  kill -0 "$old" 2>/dev/null || { stack_log "no running proxy to upgrade"; return 1; }
+  rm -f "$sock"
+  stack_proxy --upgrade
+  stack_wait "the new proxy's upgrade socket" 60 test -S "$sock" || return 1
+  kill -QUIT "$old"
+  stack_wait "the old proxy (pid $old) to finish" 60 bash -c '! kill -0 "$1" 2>/dev/null' _ "$old" || return 1
+  stack_log "upgraded: proxy pid $old -> $(stack_proxy_pid)"
+}
+
 stack_start() {
   mkdir -p "$STACK_RUN"
   echo $$ >"$STACK_RUN/stack.pid"
+  rm -f "$STACK_RUN"/*.log
   stack_spawn redis redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no
   stack_backend blue-1
   stack_backend blue-2
   stack_backend green-1
-  [[ -f $STACK_CONFIG ]] || stack_copy_config
+  if [[ -f $STACK_CONFIG ]]; then
+    stack_log "using the existing $STACK_CONFIG (delete it to start again from config/switchyard.toml)"
+  else
+    stack_copy_config
+  fi
   [[ -f $STACK_RUN/admin-token ]] || (umask 077 && openssl rand -hex 16 >"$STACK_RUN/admin-token")
   SWITCHYARD_ADMIN_TOKEN=$(cat "$STACK_RUN/admin-token")
   export SWITCHYARD_ADMIN_TOKEN
@@ -90,7 +121,7 @@ stack_start() {
 
 stack_alive() {
   local pid
-  for pid in "${STACK_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || return 1; done
+  for pid in "${STACK_PIDS[@]}" $(stack_proxy_pid); do kill -0 "$pid" 2>/dev/null || return 1; done
 }
 
 stack_wait() { # what, seconds, command...
@@ -105,18 +136,20 @@ stack_wait() { # what, seconds, command...
   return 1
 }
 
+# The proxy goes first, so no request is sent to a backend already stopping.
 stack_stop() {
-  ((${#STACK_PIDS[@]})) || return 0
-  stack_log "stopping ${#STACK_PIDS[@]} processes"
-  local i pid alive
-  for ((i = ${#STACK_PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${STACK_PIDS[i]}" 2>/dev/null || true; done
-  for _ in $(seq 50); do
+  local i pid alive all
+  all=("${STACK_PIDS[@]}" $(stack_proxy_pid))
+  ((${#all[@]})) || return 0
+  stack_log "stopping ${#all[@]} processes"
+  for ((i = ${#all[@]} - 1; i >= 0; i--)); do kill -TERM "${all[i]}" 2>/dev/null || true; done
+  for _ in $(seq 75); do
     alive=0
-    for pid in "${STACK_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     ((alive)) || break
     sleep 0.2
   done
-  for pid in "${STACK_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   STACK_PIDS=()
-  rm -f "$STACK_RUN/stack.pid"
+  rm -f "$STACK_RUN/stack.pid" "$STACK_RUN/proxy.pid"
 }
