@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -260,10 +261,13 @@ impl ProxyHttp for Switchyard {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if self.shared.closing.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
         let headers = &ctx.config().response_headers;
         if headers.pool {
             if let Some(pool) = &ctx.pool {

@@ -8,10 +8,12 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
-use pingora::server::ShutdownWatch;
+use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use pingora::services::listening::Service;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::admin::{Admin, Redirect};
 use crate::config::{Config, HttpMode};
@@ -48,6 +50,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
+    close_keepalives_when_stopping(&server, shared.clone());
     add_services(&mut server, &shared);
     tracing::info!(config = %config_path.display(), "switchyard starting");
     server.run_forever()
@@ -128,6 +131,25 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         "switchyard drain on exit",
         ExitWhenIdle(shared.clone()),
     ));
+}
+
+/// Flags [`Shared::closing`] as soon as Pingora starts an upgrade handover
+/// or a graceful shutdown. A plain thread: the phase channel outlives every
+/// service runtime, and it waits without polling.
+fn close_keepalives_when_stopping(server: &Server, shared: Arc<Shared>) {
+    let mut phases = server.watch_execution_phase();
+    std::thread::spawn(move || loop {
+        match phases.blocking_recv() {
+            Ok(
+                ExecutionPhase::GracefulUpgradeTransferringFds | ExecutionPhase::GracefulTerminate,
+            ) => {
+                shared.closing.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    });
 }
 
 /// No request may be in flight for this long before a shutting-down

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -93,6 +94,11 @@ pub struct Shared {
     status: Mutex<ReloadStatus>,
     /// Serializes reloads and state-file writes.
     writer: Mutex<()>,
+    /// Set when a graceful upgrade or shutdown begins. Pingora drops idle
+    /// keep-alive connections when it stops, racing any request a client
+    /// sends on them; answering with `Connection: close` from then on moves
+    /// clients to fresh connections (the new process) before that.
+    pub closing: AtomicBool,
 }
 
 fn unix_now() -> f64 {
@@ -126,6 +132,7 @@ impl Shared {
             active: ArcSwap::from_pointee(active),
             status: Mutex::new(status),
             writer: Mutex::new(()),
+            closing: AtomicBool::new(false),
         })
     }
 

@@ -161,6 +161,11 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
     let url = proxy.url("/");
     let trusts_new = || async { proxy.client_trusting(&rotated.pem).get(&url).send().await };
     assert!(trusts_new().await.is_err(), "the new CA is not in use yet");
+    // Clients that trust only the old CA keep their connections open across
+    // the rotation: a connection cut by it would have to reconnect, and that
+    // handshake (new certificate, old CA) fails the load.
+    let load = common::Load::start(&proxy, 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Key first, then certificate, each renamed into place (as certs/gen-dev-certs does).
     std::fs::rename(&rotated.key, proxy.dir.path().join("key.pem")).expect("rename key");
@@ -178,6 +183,8 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
         "new handshakes get the new certificate within 5 s; log:\n{}",
         proxy.log()
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.finish().await;
 }
 
 async fn wait_for_port(addr: std::net::SocketAddr) {

@@ -457,12 +457,20 @@ pub struct Load {
 impl Load {
     pub fn start(proxy: &Proxy, concurrency: usize) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (client, url) = (proxy.client(), proxy.url("/v1/embeddings"));
+        // One client per task, so the load holds `concurrency` connections;
+        // half of them HTTP/1.1 keep-alive, whose close races h2 does not have.
+        let clients: Vec<reqwest::Client> = (0..concurrency)
+            .map(|i| match i % 2 {
+                0 => proxy.client(),
+                _ => proxy.client_h1(),
+            })
+            .collect();
+        let url = proxy.url("/v1/embeddings");
         let flag = stop.clone();
         let handle = tokio::spawn(async move {
             let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..concurrency {
-                let (client, url, flag) = (client.clone(), url.clone(), flag.clone());
+            for client in clients {
+                let (url, flag) = (url.clone(), flag.clone());
                 tasks.spawn(async move {
                     let (mut sent, mut failures) = (0, Vec::new());
                     while !flag.load(std::sync::atomic::Ordering::SeqCst) {
