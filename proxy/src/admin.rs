@@ -93,13 +93,14 @@ impl Admin {
             .routes()
             .iter()
             .map(|r| {
-                let total: u32 = r.split.entries().iter().map(|e| e.weight).sum();
+                // u64: a split's weights may add up past u32::MAX.
+                let total: u64 = r.split.entries().iter().map(|e| u64::from(e.weight)).sum();
                 let split: Vec<Value> = r
                     .split
                     .entries()
                     .iter()
                     .map(|e| {
-                        let percent = f64::from(e.weight) * 100.0 / f64::from(total.max(1));
+                        let percent = f64::from(e.weight) * 100.0 / total.max(1) as f64;
                         json!({ "pool": e.pool.name, "weight": e.weight, "percent": percent })
                     })
                     .collect();
