@@ -527,7 +527,14 @@ impl ChildUpstream {
     pub fn spawn(entry_test: &str, name: &str, delay_ms: u64) -> ChildUpstream {
         let exe = std::env::current_exe().expect("test binary path");
         let mut child = Command::new(exe)
-            .args(["--exact", entry_test, "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                entry_test,
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_ENV, format!("{name}:{delay_ms}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
