@@ -37,16 +37,16 @@ async fn reqwest_gets_h2_and_http1() {
     assert_eq!(resp.status(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_http2_with_cacert() {
-    let up = Upstream::start("up", 0).await;
-    let proxy = Proxy::start(&single_pool(&up)).await;
+/// Posts an embedding request with the curl CLI, trusting the test CA;
+/// returns curl's output with the response headers, after asserting success.
+async fn curl_embedding(proxy: &Proxy, flags: &'static [&'static str]) -> String {
     let url = proxy.url("/v1/embeddings");
     let resolve = format!("localhost:{}:127.0.0.1", proxy.https.port());
     let ca = proxy.certs.ca.clone();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("curl")
-            .args(["-sS", "-i", "--http2", "--max-time", "10"])
+            .args(["-sS", "-i", "--max-time", "10"])
+            .args(flags)
             .arg("--cacert")
             .arg(&ca)
             .args(["--resolve", &resolve])
@@ -62,14 +62,29 @@ async fn curl_http2_with_cacert() {
     })
     .await
     .expect("join");
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "curl failed: {}",
+        "curl {flags:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http2_with_cacert() {
+    let up = Upstream::start("up", 0).await;
+    let proxy = Proxy::start(&single_pool(&up)).await;
+    let text = curl_embedding(&proxy, &["--http2"]).await;
     assert!(text.starts_with("HTTP/2 200"), "got: {text}");
     assert!(text.contains("x-switchyard-pool: p"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_clients_are_served() {
+    let up = Upstream::start("up", 0).await;
+    let proxy = Proxy::start(&single_pool(&up)).await;
+    let text = curl_embedding(&proxy, &["--http1.1", "--tlsv1.2", "--tls-max", "1.2"]).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "got: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
