@@ -57,8 +57,9 @@ stack_spawn() { # name, then the command
   stack_log "started $name (pid $!), log $STACK_RUN/$name.log"
 }
 
+# Prints nothing (and succeeds, for `set -e` callers) when no proxy runs.
 stack_proxy_pid() {
-  cat "$STACK_RUN/proxy.pid" 2>/dev/null
+  cat "$STACK_RUN/proxy.pid" 2>/dev/null || true
 }
 
 # Starts (or restarts, after a kill) one backend of the fixed fleet.
