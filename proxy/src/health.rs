@@ -247,6 +247,10 @@ impl BackgroundService for Checker {
             let cfg = active.config.health.clone();
             let next = tokio::time::Instant::now() + cfg.interval;
             round(&connector, active.backends.clone(), &cfg).await;
+            let max_idle = active.config.timeouts.upstream_idle;
+            for backend in self.shared.registry.all() {
+                backend.idle.prune(max_idle);
+            }
             drop(active);
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}

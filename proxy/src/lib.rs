@@ -1,7 +1,9 @@
 //! Switchyard: a Pingora-based TLS load balancer for inference fleets.
 //!
 //! Modules, in request order: [`config`] (the TOML file), [`tls`] (the
-//! public listener's key pair), [`proxy`] (the `ProxyHttp` hooks),
+//! public listener's key pair), [`h1`] (the listener's application and
+//! its HTTP/1.x engine), [`proxy`] (the `ProxyHttp` hooks, for h2),
+//! [`request`] (what both engines share),
 //! [`routing`] (routes, splits, weighted least-connections), [`health`]
 //! (active checks), [`metrics`] and [`admin`] (the admin listener);
 //! [`reload`] (file watch, SIGHUP) swaps configurations, [`state`]
@@ -10,10 +12,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
+pub mod request;
 pub mod routing;
 pub mod server;
 pub mod shared;

@@ -1,4 +1,5 @@
-//! The request path: Pingora's `ProxyHttp` hooks.
+//! The request path on Pingora's `ProxyHttp` hooks: HTTP/2 connections
+//! (HTTP/1.x has its own engine, [`crate::h1`]).
 //!
 //! Per request: check limits, match a route, draw a pool, pick a backend
 //! (weighted least-connections) and hold a [`Lease`] on it; on a connect
@@ -6,11 +7,10 @@
 //! yet tried while the retry budget, the time budget and the replayable
 //! body allow.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,9 +21,8 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use prometheus::IntCounter;
-use serde::Serialize;
 
-use crate::metrics::code_class;
+use crate::request::{self, Attempts, Finished, Refusal};
 use crate::routing::{Lease, Pool};
 use crate::shared::{Active, Shared};
 
@@ -32,8 +31,6 @@ const REQUEST_ID: &str = "x-request-id";
 // validated again on every `HeaderMap::get`.
 static REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// Longest client-supplied request id that is propagated as is.
-const MAX_REQUEST_ID: usize = 128;
 
 pub struct Switchyard {
     shared: Arc<Shared>,
@@ -46,13 +43,6 @@ impl Switchyard {
         let unrouted = shared.metrics.requests_by_class("none", "none");
         Self { shared, unrouted }
     }
-}
-
-/// Why the proxy answered a request itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    NoBackend,
-    TimeBudget,
 }
 
 /// Per-request state.
@@ -111,7 +101,8 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.request_id = request_id(session.req_header());
+        let given = session.req_header().headers.get(&REQUEST_ID_NAME);
+        ctx.request_id = request::request_id(given.map(|v| v.as_bytes()));
         let active = self.shared.active();
         let limits = &active.config.limits;
         if head_size(session.req_header()) > limits.max_header_bytes {
@@ -216,10 +207,8 @@ impl ProxyHttp for Switchyard {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
         {
-            let forwarded = match upstream.headers.get(&X_FORWARDED_FOR) {
-                Some(prev) => format!("{}, {ip}", String::from_utf8_lossy(prev.as_bytes())),
-                None => ip_string(ip),
-            };
+            let previous = upstream.headers.get_all(&X_FORWARDED_FOR).iter();
+            let forwarded = request::forwarded_for(previous.map(|v| v.as_bytes()), ip);
             upstream.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream.insert_header("x-forwarded-proto", scheme(session))?;
@@ -239,14 +228,8 @@ impl ProxyHttp for Switchyard {
             .as_ref()
             .expect("leased in upstream_peer")
             .backend();
-        // An overload 503 (with Retry-After) is load shedding, not a fault:
-        // ejecting for it would push more load onto the siblings.
-        let overloaded = status == 503 && resp.headers.contains_key("retry-after");
-        if status >= 500 && !overloaded {
-            backend.record_failure(&ctx.config().passive, format!("answered {status}"));
-        } else {
-            backend.record_success();
-        }
+        let retry_after = resp.headers.contains_key("retry-after");
+        request::record_answer(backend, ctx.config(), status, retry_after);
         if status == 503 && self.may_retry(session, ctx) {
             ctx.retrying_503 = true;
             let mut e = Error::explain(
@@ -345,19 +328,22 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let class = code_class(status);
-        let elapsed = ctx.start.elapsed();
-        let served_by = ctx.member.filter(|_| ctx.refusal.is_none());
-        match (&ctx.pool, served_by) {
-            (Some(pool), Some(i)) => pool.members[i].requests[class].inc(),
-            (Some(pool), None) => pool.metrics.unserved[class].inc(),
-            (None, _) => self.unrouted[class].inc(),
+        let req = session.req_header();
+        Finished {
+            request_id: &ctx.request_id,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            pool: ctx.pool.as_deref(),
+            served_by: ctx.member.filter(|_| ctx.refusal.is_none()),
+            backend: ctx.backend_name(),
+            elapsed: ctx.start.elapsed(),
+            attempts: ctx.attempts,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            error: e.map(|e| e.to_string()),
         }
-        if let Some(pool) = &ctx.pool {
-            pool.metrics.duration.observe(elapsed.as_secs_f64());
-        }
-        log_access(session, ctx, status, elapsed, e);
+        .record(&self.unrouted);
         ctx.lease = None;
     }
 }
@@ -367,17 +353,22 @@ impl Switchyard {
     /// body still replayable, and an untried eligible backend exists.
     fn may_retry(&self, session: &Session, ctx: &Ctx) -> bool {
         let config = ctx.config();
-        let body_fits = !session.as_ref().retry_buffer_truncated()
+        let Some(pool) = ctx.pool.as_deref() else {
+            return false;
+        };
+        let replayable = !session.as_ref().retry_buffer_truncated()
             && session.body_bytes_read() <= config.retry.buffer_body_max
             && content_length(session.req_header())
                 .is_none_or(|n| n <= config.retry.buffer_body_max as u64);
-        ctx.attempts <= config.retry.retries
-            && ctx.start.elapsed() < config.timeouts.total
-            && body_fits
-            && ctx
-                .pool
-                .as_ref()
-                .is_some_and(|p| p.pick(&ctx.tried).is_some())
+        Attempts {
+            config,
+            pool,
+            start: ctx.start,
+            attempts: ctx.attempts,
+            tried: &ctx.tried,
+            replayable,
+        }
+        .may_retry()
     }
 }
 
@@ -392,16 +383,7 @@ fn is_timeout(t: &ErrorType) -> bool {
 fn describe_failure(e: &Error, ctx: &Ctx) -> (u16, &'static str, String) {
     let pool = ctx.pool.as_ref().map_or("", |p| p.name.as_str());
     match (ctx.refusal, e.etype()) {
-        (Some(Refusal::NoBackend), _) => (
-            503,
-            "no_backend",
-            format!("no healthy backend in pool '{pool}'"),
-        ),
-        (Some(Refusal::TimeBudget), _) => (
-            504,
-            "upstream_timeout",
-            "request time budget spent".to_string(),
-        ),
+        (Some(refusal), _) => refusal.describe(pool),
         (None, ErrorType::HTTPStatus(413)) => (413, "body_too_large", reason(e)),
         (None, ErrorType::HTTPStatus(code)) => (*code, "upstream_error", reason(e)),
         (None, t) => match e.esource() {
@@ -442,7 +424,7 @@ async fn respond(
     kind: &str,
     message: &str,
 ) -> Result<()> {
-    let body = serde_json::json!({ "error": { "message": message, "type": kind } }).to_string();
+    let body = request::error_body(kind, message);
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
@@ -451,56 +433,6 @@ async fn respond(
     session
         .write_response_body(Some(Bytes::from(body)), true)
         .await
-}
-
-/// The client's request id if it is sane, else a fresh random one.
-fn request_id(req: &RequestHeader) -> String {
-    let given = req
-        .headers
-        .get(&REQUEST_ID_NAME)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID);
-    match given {
-        Some(id) => id.to_string(),
-        None => random_id(),
-    }
-}
-
-/// 32 lowercase hex digits; by hand because `format!("{:032x}")` cost
-/// several times as many instructions per request.
-fn random_id() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = rand::random::<u128>();
-    (0..32)
-        .rev()
-        .map(|i| char::from(HEX[(n >> (i * 4)) as usize & 0xf]))
-        .collect()
-}
-
-/// An address as `Display` writes it; IPv4 by hand because `Display`'s
-/// padding-aware formatting was about 1 % of a request's instructions.
-fn ip_string(ip: std::net::IpAddr) -> String {
-    let std::net::IpAddr::V4(v4) = ip else {
-        return ip.to_string();
-    };
-    let mut s = String::with_capacity(15);
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            s.push('.');
-        }
-        push_decimal(&mut s, octet);
-    }
-    s
-}
-
-fn push_decimal(s: &mut String, n: u8) {
-    if n >= 100 {
-        s.push(char::from(b'0' + n / 100));
-    }
-    if n >= 10 {
-        s.push(char::from(b'0' + n / 10 % 10));
-    }
-    s.push(char::from(b'0' + n % 10));
 }
 
 /// Approximate size of the request head as sent on HTTP/1.1.
@@ -532,84 +464,5 @@ fn scheme(session: &Session) -> &'static str {
         "https"
     } else {
         "http"
-    }
-}
-
-/// One access-log line. Written directly as JSON (same shape as the
-/// other log lines): going through `tracing`'s JSON formatter cost about
-/// 40 % of the proxy's throughput in a TLS keep-alive benchmark.
-#[derive(Serialize)]
-struct AccessLine<'a> {
-    timestamp: String,
-    level: &'static str,
-    target: &'static str,
-    request_id: &'a str,
-    method: &'a str,
-    path: &'a str,
-    status: u16,
-    pool: &'a str,
-    backend: &'a str,
-    duration_ms: f64,
-    attempts: u32,
-    retries: u32,
-    bytes_in: usize,
-    bytes_out: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-/// Target of the access log; `RUST_LOG=info,switchyard::access=off` silences it.
-const ACCESS_TARGET: &str = "switchyard::access";
-
-fn log_access(session: &Session, ctx: &Ctx, status: u16, elapsed: Duration, e: Option<&Error>) {
-    if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-        return;
-    }
-    let req = session.req_header();
-    let line = AccessLine {
-        timestamp: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-        level: "INFO",
-        target: ACCESS_TARGET,
-        request_id: &ctx.request_id,
-        method: req.method.as_str(),
-        path: req.uri.path(),
-        status,
-        pool: ctx.pool.as_ref().map_or("", |p| p.name.as_str()),
-        backend: ctx.backend_name(),
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
-        attempts: ctx.attempts,
-        retries: ctx.attempts.saturating_sub(1),
-        bytes_in: session.body_bytes_read(),
-        bytes_out: session.body_bytes_sent(),
-        error: e.map(|e| e.to_string()),
-    };
-    let mut buf = Vec::with_capacity(320);
-    if serde_json::to_writer(&mut buf, &line).is_ok() {
-        buf.push(b'\n');
-        // One write per line keeps lines whole when threads interleave.
-        let _ = std::io::stderr().lock().write_all(&buf);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn random_id_is_32_lowercase_hex_digits() {
-        let id = random_id();
-        assert_eq!(id.len(), 32);
-        assert!(id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        assert_ne!(id, random_id());
-    }
-
-    #[test]
-    fn ip_string_matches_display() {
-        for ip in ["0.0.0.0", "127.0.0.1", "10.20.100.255", "::1", "fe80::1:2"] {
-            let ip: std::net::IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_string(ip), ip.to_string());
-        }
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::admin::{Admin, Redirect};
 use crate::config::{Config, HttpMode};
+use crate::h1::Frontend;
 use crate::health::{self, Checker};
 use crate::proxy::Switchyard;
 use crate::reload::Reloader;
@@ -90,11 +91,8 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     let active = shared.active();
     let l = &active.config.listeners;
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &conf,
-        Switchyard::new(shared.clone()),
-        "switchyard proxy",
-    );
+    let h2 = pingora::proxy::http_proxy(&conf, Switchyard::new(shared.clone()));
+    let mut proxy = Service::new("switchyard proxy".into(), Frontend::new(h2, shared.clone()));
     let https = &l.https;
     proxy.add_tls_with_settings(
         &https.address.to_string(),

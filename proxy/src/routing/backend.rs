@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Re
 use std::sync::{Arc, Mutex};
 
 use crate::config::PassiveSection;
+use crate::h1::upstream::Idle;
 use crate::health::Progress;
 use crate::metrics::BackendMetrics;
 
@@ -39,6 +40,8 @@ pub struct Backend {
     seen_healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
     pub metrics: BackendMetrics,
+    /// Open connections waiting for the next HTTP/1.x request.
+    pub idle: Idle,
 }
 
 /// Exponential-backoff bookkeeping for passive ejections.
@@ -65,6 +68,7 @@ impl Backend {
             seen_healthy: AtomicBool::new(false),
             last_error: Mutex::new(None),
             metrics,
+            idle: Idle::default(),
         }
     }
 

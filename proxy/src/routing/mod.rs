@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 pub use backend::{Backend, Lease};
 pub use pool::{Member, Pool};
 pub use router::{
-    bucket_of, strip_port, ForceRule, HostMatch, Route, Router, Split, SplitEntry, StickyKey,
-    BUCKETS,
+    bucket_of, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split, SplitEntry,
+    StickyKey, BUCKETS,
 };
 
 use crate::metrics::Metrics;

@@ -140,10 +140,27 @@ pub struct ForceRule {
     pub allow: Vec<Arc<Pool>>,
 }
 
+/// Header lookup over either engine's parsed request.
+pub trait RequestHeaders {
+    /// Every value of header `name`, in order.
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+
+    /// The first value of header `name`.
+    fn first<'a>(&'a self, name: &'a HeaderName) -> Option<&'a [u8]> {
+        self.values(name).next()
+    }
+}
+
+impl RequestHeaders for RequestHeader {
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
 impl Route {
     /// The pool for this request: a permitted forced pool, else the pool of
     /// the sticky key's bucket, else a weighted draw.
-    pub fn choose_pool(&self, req: &RequestHeader) -> &Arc<Pool> {
+    pub fn choose_pool(&self, req: &impl RequestHeaders) -> &Arc<Pool> {
         if let Some(pool) = self.forced_pool(req) {
             return pool;
         }
@@ -153,25 +170,25 @@ impl Route {
         }
     }
 
-    fn forced_pool(&self, req: &RequestHeader) -> Option<&Arc<Pool>> {
+    fn forced_pool(&self, req: &impl RequestHeaders) -> Option<&Arc<Pool>> {
         let rule = self.force.as_ref()?;
-        let wanted = req.headers.get(&rule.header)?.as_bytes();
+        let wanted = req.first(&rule.header)?;
         rule.allow.iter().find(|p| p.name.as_bytes() == wanted)
     }
 }
 
-fn sticky_value<'r>(key: &StickyKey, req: &'r RequestHeader) -> Option<&'r [u8]> {
+static COOKIE: HeaderName = http::header::COOKIE;
+
+fn sticky_value<'r>(key: &'r StickyKey, req: &'r impl RequestHeaders) -> Option<&'r [u8]> {
     match key {
-        StickyKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes()),
+        StickyKey::Header(name) => req.first(name),
         StickyKey::Cookie(name) => req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
+            .values(&COOKIE)
+            .flat_map(|v| v.split(|b| *b == b';'))
             .find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                (k == name).then_some(v.as_bytes())
+                let pair = pair.trim_ascii();
+                let eq = pair.iter().position(|b| *b == b'=')?;
+                (&pair[..eq] == name.as_bytes()).then_some(&pair[eq + 1..])
             }),
     }
 }

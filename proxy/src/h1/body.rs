@@ -1,0 +1,472 @@
+//! Message bodies: the chunked coding, reading a request body whole (so
+//! it can be replayed on retry), and relaying a response body as it comes.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::head::Framing;
+
+/// Longest trailer section accepted after a chunked body.
+const MAX_TRAILERS: usize = 8 * 1024;
+/// A relayed body is written to the client once this much is buffered.
+const WRITE_AT: usize = 64 * 1024;
+/// Spare room kept in a read buffer before each read.
+const READ_ROOM: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge,
+    Malformed(&'static str),
+    /// The peer closed before the body was complete.
+    Closed,
+    TimedOut,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge => f.write_str("body too large"),
+            BodyError::Malformed(what) => f.write_str(what),
+            BodyError::Closed => f.write_str("connection closed early"),
+            BodyError::TimedOut => f.write_str("timed out"),
+            BodyError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Incremental parser of the chunked coding (RFC 9112 §7.1).
+#[derive(Default)]
+pub struct Chunked {
+    state: State,
+    size: u64,
+    digits: u8,
+    trailer_bytes: usize,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum State {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    LastLf,
+    Done,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Consumes bytes of `data` up to the end of the body, handing each run
+    /// of payload to `payload`; returns how many bytes were consumed.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        mut payload: impl FnMut(&[u8]),
+    ) -> Result<usize, BodyError> {
+        let mut i = 0;
+        while i < data.len() && self.state != State::Done {
+            if self.state == State::Data {
+                let n = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len() - i);
+                payload(&data[i..i + n]);
+                self.size -= n as u64;
+                i += n;
+                if self.size == 0 {
+                    self.state = State::DataCr;
+                }
+                continue;
+            }
+            self.step(data[i])?;
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn step(&mut self, b: u8) -> Result<(), BodyError> {
+        let bad = |what| Err(BodyError::Malformed(what));
+        self.state = match (self.state, b) {
+            (State::Size, _) if b.is_ascii_hexdigit() => {
+                if self.digits >= 15 {
+                    return bad("chunk size too large");
+                }
+                self.digits += 1;
+                self.size = self.size * 16 + u64::from(hex_value(b));
+                State::Size
+            }
+            (State::Size, b';' | b' ' | b'\t') if self.digits > 0 => State::Extension,
+            (State::Size, b'\r') if self.digits > 0 => State::SizeLf,
+            (State::Size, _) => return bad("invalid chunk size"),
+            (State::Extension, b'\r') => State::SizeLf,
+            (State::Extension, b'\n') => return bad("bare LF in chunk extension"),
+            (State::Extension, _) => State::Extension,
+            (State::SizeLf, b'\n') if self.size == 0 => State::TrailerStart,
+            (State::SizeLf, b'\n') => State::Data,
+            (State::DataCr, b'\r') => State::DataLf,
+            (State::DataLf, b'\n') => {
+                self.digits = 0;
+                State::Size
+            }
+            (State::TrailerStart, b'\r') => State::LastLf,
+            (State::TrailerStart | State::TrailerLine, b'\n') => return bad("bare LF in trailer"),
+            (State::TrailerStart | State::TrailerLine, _) => {
+                self.trailer_bytes += 1;
+                if self.trailer_bytes > MAX_TRAILERS {
+                    return bad("trailers too large");
+                }
+                if b == b'\r' {
+                    State::TrailerLf
+                } else {
+                    State::TrailerLine
+                }
+            }
+            (State::TrailerLf, b'\n') => State::TrailerStart,
+            (State::LastLf, b'\n') => State::Done,
+            _ => return bad("invalid chunk framing"),
+        };
+        Ok(())
+    }
+}
+
+fn hex_value(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b - b'A' + 10,
+    }
+}
+
+/// Reads more into `buf`; `Closed` at end of stream.
+pub async fn read_some(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<(), BodyError> {
+    if buf.capacity() - buf.len() < READ_ROOM / 4 {
+        buf.reserve(READ_ROOM);
+    }
+    match io.read_buf(buf).await {
+        Ok(0) => Err(BodyError::Closed),
+        Ok(_) => Ok(()),
+        Err(e) => Err(BodyError::Io(e)),
+    }
+}
+
+/// [`read_some`] within `wait`.
+pub async fn read_more(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    wait: Duration,
+) -> Result<(), BodyError> {
+    tokio::time::timeout(wait, read_some(io, buf))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
+}
+
+/// Reads a whole request body (decoded) of at most `max` bytes; `buf`
+/// holds what was read past the head.
+pub async fn read_request(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    framing: Framing,
+    max: u64,
+    wait: Duration,
+) -> Result<Bytes, BodyError> {
+    match framing {
+        Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
+        Framing::Length(n) if n > max => Err(BodyError::TooLarge),
+        Framing::Length(n) => {
+            let n = n as usize;
+            if buf.len() < n {
+                buf.reserve(n - buf.len());
+            }
+            while buf.len() < n {
+                read_more(io, buf, wait).await?;
+            }
+            Ok(buf.split_to(n).freeze())
+        }
+        Framing::Chunked => {
+            let mut parser = Chunked::default();
+            let mut body = Vec::new();
+            loop {
+                let used = parser.feed(buf, |p| body.extend_from_slice(p))?;
+                buf.advance(used);
+                if body.len() as u64 > max {
+                    return Err(BodyError::TooLarge);
+                }
+                if parser.is_done() {
+                    return Ok(Bytes::from(body));
+                }
+                read_more(io, buf, wait).await?;
+            }
+        }
+    }
+}
+
+/// Where relaying a response failed.
+#[derive(Debug)]
+pub enum RelayError {
+    /// The backend failed or closed early.
+    Upstream(BodyError),
+    /// The client went away.
+    Client(io::Error),
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed {
+    /// Body bytes written to the client.
+    pub bytes_out: usize,
+    /// Nothing had reached the client when it failed, so an error answer
+    /// can still be sent.
+    pub untouched: bool,
+}
+
+/// Relays one response body from `up` (`up_buf`: bytes already read past
+/// the head) to `client`, after `out`, the head already built. `decode`
+/// strips the chunked coding for a client that cannot take it.
+pub struct Relay<'a, U, C> {
+    pub up: &'a mut U,
+    pub up_buf: &'a mut BytesMut,
+    pub client: &'a mut C,
+    pub out: &'a mut Vec<u8>,
+    pub framing: Framing,
+    pub decode: bool,
+    pub wait: Duration,
+}
+
+impl<U, C> Relay<'_, U, C>
+where
+    U: AsyncRead + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    pub async fn run(self) -> Result<Relayed, (RelayError, Relayed)> {
+        let Relay {
+            up,
+            up_buf,
+            client,
+            out,
+            framing,
+            decode,
+            wait,
+        } = self;
+        let head_len = out.len();
+        let mut progress = Relayed {
+            bytes_out: 0,
+            untouched: true,
+        };
+        let mut remaining = match framing {
+            Framing::Length(n) => n,
+            _ => u64::MAX,
+        };
+        let mut chunked = Chunked::default();
+        loop {
+            let done = match framing {
+                Framing::Empty => true,
+                Framing::Length(_) => {
+                    let n = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(up_buf.len());
+                    out.extend_from_slice(&up_buf[..n]);
+                    up_buf.advance(n);
+                    remaining -= n as u64;
+                    remaining == 0
+                }
+                Framing::Chunked => {
+                    let used = match chunked.feed(up_buf, |p| {
+                        if decode {
+                            out.extend_from_slice(p);
+                        }
+                    }) {
+                        Ok(used) => used,
+                        Err(e) => return Err((RelayError::Upstream(e), progress)),
+                    };
+                    if !decode {
+                        out.extend_from_slice(&up_buf[..used]);
+                    }
+                    up_buf.advance(used);
+                    chunked.is_done()
+                }
+                Framing::UntilClose => {
+                    out.extend_from_slice(up_buf);
+                    up_buf.clear();
+                    false
+                }
+            };
+            if done || out.len() >= WRITE_AT {
+                deliver(client, out, &mut progress, head_len, wait).await?;
+            }
+            if done {
+                return Ok(progress);
+            }
+            match read_more(up, up_buf, wait).await {
+                Ok(()) => {}
+                Err(BodyError::Closed) if framing == Framing::UntilClose => {
+                    deliver(client, out, &mut progress, head_len, wait).await?;
+                    return Ok(progress);
+                }
+                Err(e) => return Err((RelayError::Upstream(e), progress)),
+            }
+        }
+    }
+}
+
+/// Writes what `out` holds (the head first time round) and counts it.
+async fn deliver(
+    client: &mut (impl AsyncWrite + Unpin),
+    out: &mut Vec<u8>,
+    progress: &mut Relayed,
+    head_len: usize,
+    wait: Duration,
+) -> Result<(), (RelayError, Relayed)> {
+    let body = out.len() - if progress.untouched { head_len } else { 0 };
+    if let Err(e) = write_out(client, out, wait).await {
+        return Err((RelayError::Client(e), *progress));
+    }
+    progress.untouched = false;
+    progress.bytes_out += body;
+    Ok(())
+}
+
+/// Writes and flushes `out` within `wait`, leaving it empty.
+pub async fn write_out(
+    client: &mut (impl AsyncWrite + Unpin),
+    out: &mut Vec<u8>,
+    wait: Duration,
+) -> io::Result<()> {
+    let write = async {
+        client.write_all(out).await?;
+        client.flush().await
+    };
+    let result = tokio::time::timeout(wait, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+    out.clear();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(wire: &[u8]) -> Result<(Vec<u8>, usize, bool), BodyError> {
+        let mut parser = Chunked::default();
+        let mut body = Vec::new();
+        let used = parser.feed(wire, |p| body.extend_from_slice(p))?;
+        Ok((body, used, parser.is_done()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_stop_at_their_end() {
+        let wire = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let (body, used, done) = decode(wire).unwrap();
+        assert_eq!(body, b"Wikipedia");
+        assert!(done);
+        assert_eq!(&wire[used..], b"NEXT");
+    }
+
+    #[test]
+    fn chunked_bodies_decode_byte_by_byte() {
+        let wire = b"A\r\n0123456789\r\n0\r\n\r\n";
+        let mut parser = Chunked::default();
+        let mut body = Vec::new();
+        for b in wire.chunks(1) {
+            assert_eq!(parser.feed(b, |p| body.extend_from_slice(p)).unwrap(), 1);
+        }
+        assert!(parser.is_done());
+        assert_eq!(body, b"0123456789");
+    }
+
+    #[test]
+    fn bad_chunk_framing_is_an_error() {
+        for wire in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"3\r\nabcX",
+            b"3\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(decode(wire).is_err(), "{:?}", String::from_utf8_lossy(wire));
+        }
+        let (_, _, done) = decode(b"3\r\nab").unwrap();
+        assert!(!done);
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_read_whole_within_the_limit() {
+        let wait = Duration::from_secs(1);
+        let mut rest = BytesMut::from(&b"ab"[..]);
+        let mut io: &[u8] = b"cdef";
+        let body = read_request(&mut io, &mut rest, Framing::Length(4), 10, wait).await;
+        assert_eq!(&body.unwrap()[..], b"abcd");
+        assert_eq!(&rest[..], b"ef", "bytes past the body stay buffered");
+
+        let mut io: &[u8] = b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n";
+        let mut buf = BytesMut::new();
+        let small = read_request(&mut io, &mut buf, Framing::Chunked, 4, wait).await;
+        assert!(matches!(small, Err(BodyError::TooLarge)));
+
+        let mut io: &[u8] = b"ab";
+        let short = read_request(&mut io, &mut BytesMut::new(), Framing::Length(4), 10, wait).await;
+        assert!(matches!(short, Err(BodyError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn relays_pass_chunks_through_or_decode_them() {
+        let wire = b"3\r\nabc\r\n0\r\n\r\n";
+        for (decode, want) in [(false, &wire[..]), (true, &b"abc"[..])] {
+            let mut up: &[u8] = &wire[2..];
+            let mut up_buf = BytesMut::from(&wire[..2]);
+            let mut client = Vec::new();
+            let mut out = b"HEAD|".to_vec();
+            let done = Relay {
+                up: &mut up,
+                up_buf: &mut up_buf,
+                client: &mut client,
+                out: &mut out,
+                framing: Framing::Chunked,
+                decode,
+                wait: Duration::from_secs(1),
+            }
+            .run()
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+            assert_eq!(client, [&b"HEAD|"[..], want].concat());
+            assert_eq!(done.bytes_out, want.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_upstream_body_fails_the_relay_before_the_client_sees_it() {
+        let mut up: &[u8] = b"abc";
+        let mut client = Vec::new();
+        let err = Relay {
+            up: &mut up,
+            up_buf: &mut BytesMut::new(),
+            client: &mut client,
+            out: &mut b"HEAD|".to_vec(),
+            framing: Framing::Length(10),
+            decode: false,
+            wait: Duration::from_secs(1),
+        }
+        .run()
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(err.0, RelayError::Upstream(BodyError::Closed)));
+        assert!(err.1.untouched);
+        assert!(client.is_empty());
+    }
+}

@@ -1,0 +1,469 @@
+//! Request and response heads: parsed in place with `httparse`, kept as
+//! spans into the bytes read, so a head costs one allocation for its
+//! header list and no copies of names or values.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use bytes::Bytes;
+use http::HeaderName;
+
+use crate::routing::RequestHeaders;
+
+/// Most headers accepted in one head; more is answered 431.
+pub const MAX_HEADERS: usize = 128;
+
+/// Why a head could not be parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// Over `max_header_bytes`, or over [`MAX_HEADERS`] fields.
+    TooLarge,
+    Malformed(&'static str),
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Response only: the body runs to the end of the connection.
+    UntilClose,
+}
+
+/// Fields both heads have.
+pub struct Fields {
+    /// The whole head, request or status line through the blank line.
+    pub raw: Bytes,
+    headers: Vec<Spans>,
+}
+
+/// Where a header's name and value lie in [`Fields::raw`].
+type Spans = (Range<usize>, Range<usize>);
+
+fn header_spans(base: usize, headers: &[httparse::Header<'_>]) -> Vec<Spans> {
+    headers
+        .iter()
+        .map(|h| (span(base, h.name.as_bytes()), span(base, h.value)))
+        .collect()
+}
+
+impl Fields {
+    /// Takes the head, the first `len` bytes of `buf`, with the spans of
+    /// its headers.
+    fn split(buf: &mut bytes::BytesMut, len: usize, headers: Vec<Spans>) -> Self {
+        Self {
+            raw: buf.split_to(len).freeze(),
+            headers,
+        }
+    }
+
+    fn name(&self, i: usize) -> &[u8] {
+        &self.raw[self.headers[i].0.clone()]
+    }
+
+    fn value(&self, i: usize) -> &[u8] {
+        &self.raw[self.headers[i].1.clone()]
+    }
+
+    /// Every (name, value) pair, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        (0..self.headers.len()).map(|i| (self.name(i), self.value(i)))
+    }
+
+    /// Every value of `name` (ASCII case-insensitive), in order.
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+        self.all(name).next()
+    }
+
+    /// Whether a comma-separated header lists `token`.
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.all(name)
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    }
+
+    /// Content-Length and Transfer-Encoding, checked the way RFC 9112 §6.3
+    /// asks, so that a request smuggled past another hop is refused here.
+    fn framing(&self) -> Result<Option<Framing>, HeadError> {
+        if self.get("transfer-encoding").is_some() {
+            if self.get("content-length").is_some() {
+                return Err(HeadError::Malformed(
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            let last = self
+                .all("transfer-encoding")
+                .flat_map(|v| v.split(|b| *b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty())
+                .last();
+            return match last {
+                Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(Some(Framing::Chunked)),
+                _ => Err(HeadError::Malformed("unsupported Transfer-Encoding")),
+            };
+        }
+        let mut length = None;
+        for v in self.all("content-length") {
+            let n = parse_length(v).ok_or(HeadError::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+        Ok(length.map(Framing::Length))
+    }
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The head's length once complete; `None` while more bytes are needed.
+fn complete(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max_bytes: usize,
+    malformed: &'static str,
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len > max_bytes => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered > max_bytes => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Malformed(malformed)),
+    }
+}
+
+/// `s`, a slice of the buffer starting at address `base`, as a range.
+fn span(base: usize, s: &[u8]) -> Range<usize> {
+    let start = s.as_ptr() as usize - base;
+    start..start + s.len()
+}
+
+/// A parsed request head.
+pub struct RequestHead {
+    pub fields: Fields,
+    method: Range<usize>,
+    target: Range<usize>,
+    /// HTTP/1.0 rather than HTTP/1.1.
+    pub http10: bool,
+    pub framing: Framing,
+}
+
+impl RequestHead {
+    pub fn method(&self) -> &str {
+        // httparse accepts only token characters in a method.
+        std::str::from_utf8(&self.fields.raw[self.method.clone()]).unwrap_or("")
+    }
+
+    /// The request target as sent (origin form, or absolute form).
+    pub fn target(&self) -> &[u8] {
+        &self.fields.raw[self.target.clone()]
+    }
+
+    /// The target in origin form (`/path?query`): the absolute form's
+    /// scheme and authority dropped.
+    pub fn origin_form(&self) -> &[u8] {
+        let t = self.target();
+        match absolute_parts(t) {
+            Some((_, [])) => b"/",
+            Some((_, rest)) => rest,
+            None => t,
+        }
+    }
+
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        let t = self.origin_form();
+        let end = t.iter().position(|b| *b == b'?').unwrap_or(t.len());
+        // httparse accepts only visible ASCII in a target.
+        std::str::from_utf8(&t[..end]).unwrap_or("")
+    }
+
+    /// The authority of an absolute-form target, else the Host header.
+    pub fn host(&self) -> Option<&str> {
+        let host = match absolute_parts(self.target()) {
+            Some((authority, _)) => authority,
+            None => self.fields.get("host")?,
+        };
+        std::str::from_utf8(host).ok()
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.method() == "HEAD"
+    }
+
+    /// Whether the client lets the connection carry another request.
+    pub fn keep_alive(&self) -> bool {
+        if self.http10 {
+            self.fields.has_token("connection", "keep-alive")
+        } else {
+            !self.fields.has_token("connection", "close")
+        }
+    }
+}
+
+/// The head of an answer to bytes that did not parse as a request.
+pub fn placeholder() -> RequestHead {
+    RequestHead {
+        fields: Fields {
+            raw: Bytes::new(),
+            headers: Vec::new(),
+        },
+        method: 0..0,
+        target: 0..0,
+        http10: false,
+        framing: Framing::Empty,
+    }
+}
+
+impl RequestHeaders for RequestHead {
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.fields.all(name.as_str())
+    }
+}
+
+/// `http://host:port/path` -> (`host:port`, `/path`).
+fn absolute_parts(target: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = target
+        .strip_prefix(b"http://")
+        .or_else(|| target.strip_prefix(b"https://"))?;
+    let end = rest
+        .iter()
+        .position(|b| *b == b'/' || *b == b'?')
+        .unwrap_or(rest.len());
+    Some((&rest[..end], &rest[end..]))
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` until it is
+/// complete. On success the head's bytes are split off `buf`.
+pub fn parse_request(
+    buf: &mut bytes::BytesMut,
+    max_bytes: usize,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots);
+    let Some(len) = complete(parsed, buf.len(), max_bytes, "malformed request head")? else {
+        return Ok(None);
+    };
+    let base = buf.as_ptr() as usize;
+    let method = span(base, req.method.unwrap_or_default().as_bytes());
+    let target = span(base, req.path.unwrap_or_default().as_bytes());
+    let http10 = req.version == Some(0);
+    let headers = header_spans(base, req.headers);
+    let fields = Fields::split(buf, len, headers);
+    let framing = fields.framing()?.unwrap_or(Framing::Empty);
+    Ok(Some(RequestHead {
+        fields,
+        method,
+        target,
+        http10,
+        framing,
+    }))
+}
+
+/// A parsed response head.
+pub struct ResponseHead {
+    pub fields: Fields,
+    pub status: u16,
+    reason: Range<usize>,
+    pub http10: bool,
+    pub framing: Framing,
+}
+
+impl ResponseHead {
+    pub fn reason(&self) -> &[u8] {
+        &self.fields.raw[self.reason.clone()]
+    }
+
+    /// Whether the backend lets the connection carry another request.
+    pub fn keep_alive(&self) -> bool {
+        let open = if self.http10 {
+            self.fields.has_token("connection", "keep-alive")
+        } else {
+            !self.fields.has_token("connection", "close")
+        };
+        open && self.framing != Framing::UntilClose
+    }
+}
+
+/// Parses a response head at the start of `buf`, as for [`parse_request`].
+/// `head_request`: the request was HEAD, so no body follows whatever the
+/// headers say.
+pub fn parse_response(
+    buf: &mut bytes::BytesMut,
+    max_bytes: usize,
+    head_request: bool,
+) -> Result<Option<ResponseHead>, HeadError> {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let Some(len) = complete(parsed, buf.len(), max_bytes, "malformed response head")? else {
+        return Ok(None);
+    };
+    let base = buf.as_ptr() as usize;
+    let status = resp.code.unwrap_or(0);
+    let reason = span(base, resp.reason.unwrap_or_default().as_bytes());
+    let http10 = resp.version == Some(0);
+    let headers = header_spans(base, resp.headers);
+    let fields = Fields::split(buf, len, headers);
+    let bodiless = head_request || status < 200 || status == 204 || status == 304;
+    let framing = match fields.framing() {
+        _ if bodiless => Framing::Empty,
+        Ok(Some(f)) => f,
+        Ok(None) => Framing::UntilClose,
+        // A response may use codings we do not decode: it then runs to close.
+        Err(HeadError::Malformed("unsupported Transfer-Encoding")) => Framing::UntilClose,
+        Err(e) => return Err(e),
+    };
+    Ok(Some(ResponseHead {
+        fields,
+        status,
+        reason,
+        http10,
+        framing,
+    }))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy sets itself;
+/// none is copied from one side to the other.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
+/// Whether `name` is listed in the message's Connection header, which
+/// makes it hop-by-hop too.
+pub fn named_by_connection(fields: &Fields, name: &[u8]) -> bool {
+    fields
+        .all("connection")
+        .flat_map(|v| v.split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(&mut BytesMut::from(text), 1024)
+    }
+
+    #[test]
+    fn parses_a_request_and_leaves_the_body() {
+        let mut buf = BytesMut::from(
+            "POST /v1/e?x=1 HTTP/1.1\r\nHost: a:8443\r\nContent-Length: 3\r\n\r\nabc",
+        );
+        let head = parse_request(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(head.method(), "POST");
+        assert_eq!(head.path(), "/v1/e");
+        assert_eq!(head.host(), Some("a:8443"));
+        assert_eq!(head.framing, Framing::Length(3));
+        assert!(head.keep_alive());
+        assert_eq!(&buf[..], b"abc");
+    }
+
+    #[test]
+    fn absolute_form_targets_give_host_and_path() {
+        let head = request("GET http://b.example/x/y?q HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.host(), Some("b.example"));
+        assert_eq!(head.origin_form(), b"/x/y?q");
+        assert_eq!(head.path(), "/x/y");
+    }
+
+    #[test]
+    fn incomplete_heads_wait_and_oversized_ones_fail() {
+        assert!(request("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
+        assert_eq!(request(&long).err(), Some(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(request(both), Err(HeadError::Malformed(_))));
+        let twice = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(request(twice), Err(HeadError::Malformed(_))));
+        let junk = "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n";
+        assert!(matches!(request(junk), Err(HeadError::Malformed(_))));
+        let gzip = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
+        assert!(matches!(request(gzip), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn http10_keeps_alive_only_when_asked() {
+        let plain = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!plain.keep_alive());
+        let asked = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(asked.keep_alive());
+    }
+
+    #[test]
+    fn response_framing_follows_status_and_method() {
+        let parse = |text: &str, head: bool| {
+            parse_response(&mut BytesMut::from(text), 1024, head)
+                .unwrap()
+                .unwrap()
+        };
+        let ok = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false);
+        assert_eq!((ok.status, ok.reason()), (200, &b"OK"[..]));
+        assert_eq!(ok.framing, Framing::Length(5));
+        assert!(ok.keep_alive());
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            parse("HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            Framing::Empty
+        );
+        let open = parse("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!(open.framing, Framing::UntilClose);
+        assert!(!open.keep_alive());
+        let chunked = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(chunked.framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn connection_lists_extra_hop_by_hop_names() {
+        let head = request("GET / HTTP/1.1\r\nConnection: close, X-Hop\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(named_by_connection(&head.fields, b"x-hop"));
+        assert!(!named_by_connection(&head.fields, b"x-other"));
+        assert!(!head.keep_alive());
+        assert!(is_hop_by_hop(b"Transfer-Encoding"));
+    }
+}
