@@ -208,7 +208,8 @@ impl ProxyHttp for Switchyard {
             .map(|a| a.ip())
         {
             let previous = upstream.headers.get_all(&X_FORWARDED_FOR).iter();
-            let forwarded = request::forwarded_for(previous.map(|v| v.as_bytes()), ip);
+            let mut forwarded = Vec::new();
+            request::forwarded_for(&mut forwarded, previous.map(|v| v.as_bytes()), ip);
             upstream.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream.insert_header("x-forwarded-proto", scheme(session))?;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::body::{self, BodyError, Relay, RelayError};
-use super::head::{self, Framing, RequestHead, ResponseHead};
+use super::head::{self, Framing, Known, RequestHead, ResponseHead};
 use super::upstream::Conn;
 use super::Connection;
 use crate::config::{Config, TimeoutSection};
@@ -49,9 +49,10 @@ struct Call {
 
 impl Call {
     fn new(active: Arc<Active>, head: RequestHead, keep: bool) -> Self {
+        let request_id = request::request_id(head.fields.known(Known::XRequestId).next());
         Call {
             active,
-            request_id: request::request_id(head.fields.get("x-request-id")),
+            request_id,
             head,
             start: Instant::now(),
             pool: None,
@@ -178,7 +179,7 @@ impl Connection {
 
     async fn read_body(&mut self, call: &mut Call) -> Option<Bytes> {
         let framing = call.head.framing;
-        let expects = call.head.fields.has_token("expect", "100-continue");
+        let expects = call.head.expects_continue();
         if framing != Framing::Empty && expects && !call.head.http10 && self.buf.is_empty() {
             self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             let wait = call.config().timeouts.read;
@@ -230,21 +231,24 @@ impl Connection {
         wire.push(b' ');
         wire.extend_from_slice(head.origin_form());
         wire.extend_from_slice(b" HTTP/1.1\r\n");
-        let listed = fields.get("connection").is_some();
-        for (name, value) in fields.iter() {
-            let skip = head::is_hop_by_hop(name)
-                || ["content-length", "expect", "x-forwarded-for"]
-                    .iter()
-                    .chain(["x-forwarded-proto", "x-request-id"].iter())
-                    .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-                || (listed && head::named_by_connection(fields, name));
-            if !skip {
+        for (name, value, known) in fields.iter() {
+            // The proxy frames the body and sets the forwarding headers.
+            let own = matches!(
+                known,
+                Known::ContentLength
+                    | Known::Expect
+                    | Known::XForwardedFor
+                    | Known::XForwardedProto
+                    | Known::XRequestId
+            );
+            if !own && !fields.is_hop_by_hop(name, known) {
                 put_header(&mut wire, name, value);
             }
         }
         if let Some(ip) = self.client {
-            let forwarded = request::forwarded_for(fields.all("x-forwarded-for"), ip);
-            put_header(&mut wire, b"x-forwarded-for", forwarded.as_bytes());
+            wire.extend_from_slice(b"x-forwarded-for: ");
+            request::forwarded_for(&mut wire, fields.known(Known::XForwardedFor), ip);
+            wire.extend_from_slice(b"\r\n");
         }
         let proto: &[u8] = if self.tls { b"https" } else { b"http" };
         put_header(&mut wire, b"x-forwarded-proto", proto);
@@ -392,12 +396,9 @@ impl Connection {
         out.extend_from_slice(b"HTTP/1.1 ");
         put_status(out, resp.status, resp.reason());
         let fields = &resp.fields;
-        let listed = fields.get("connection").is_some();
-        for (name, value) in fields.iter() {
-            let skip = head::is_hop_by_hop(name)
-                || name.eq_ignore_ascii_case(b"x-request-id")
-                || (listed && head::named_by_connection(fields, name));
-            if !skip {
+        for (name, value, known) in fields.iter() {
+            // The request id is the proxy's.
+            if known != Known::XRequestId && !fields.is_hop_by_hop(name, known) {
                 put_header(out, name, value);
             }
         }

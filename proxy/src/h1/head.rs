@@ -31,86 +31,182 @@ pub enum Framing {
     UntilClose,
 }
 
+/// Headers the proxy acts on, recognised once per head so that later
+/// passes compare a tag instead of names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    Expect,
+    XForwardedFor,
+    XForwardedProto,
+    XRequestId,
+    /// The other hop-by-hop headers of RFC 9110 §7.6.1 and their kin:
+    /// Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade,
+    /// Proxy-Authenticate.
+    HopByHop,
+    Other,
+}
+
+impl Known {
+    fn of(name: &[u8]) -> Known {
+        let is = |want: &str| name.eq_ignore_ascii_case(want.as_bytes());
+        // The length picks the few candidates worth comparing.
+        match name.len() {
+            2 if is("te") => Known::HopByHop,
+            6 if is("expect") => Known::Expect,
+            7 if is("trailer") || is("upgrade") => Known::HopByHop,
+            10 if is("connection") => Known::Connection,
+            10 if is("keep-alive") => Known::HopByHop,
+            12 if is("x-request-id") => Known::XRequestId,
+            14 if is("content-length") => Known::ContentLength,
+            15 if is("x-forwarded-for") => Known::XForwardedFor,
+            16 if is("proxy-connection") => Known::HopByHop,
+            17 if is("transfer-encoding") => Known::TransferEncoding,
+            17 if is("x-forwarded-proto") => Known::XForwardedProto,
+            18 if is("proxy-authenticate") => Known::HopByHop,
+            _ => Known::Other,
+        }
+    }
+
+    /// Never copied from one side to the other as is.
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Known::Connection | Known::TransferEncoding | Known::HopByHop
+        )
+    }
+}
+
+/// One header: where its name and value lie in [`Fields::raw`].
+struct Header {
+    name: Range<usize>,
+    value: Range<usize>,
+    known: Known,
+}
+
+/// What the Connection header says, read once per head.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// It names other headers, which are then hop-by-hop too.
+    names_headers: bool,
+}
+
 /// Fields both heads have.
 pub struct Fields {
     /// The whole head, request or status line through the blank line.
     pub raw: Bytes,
-    headers: Vec<Spans>,
+    headers: Vec<Header>,
+    connection: ConnectionTokens,
 }
 
-/// Where a header's name and value lie in [`Fields::raw`].
-type Spans = (Range<usize>, Range<usize>);
-
-fn header_spans(base: usize, headers: &[httparse::Header<'_>]) -> Vec<Spans> {
+fn header_spans(base: usize, headers: &[httparse::Header<'_>]) -> Vec<Header> {
     headers
         .iter()
-        .map(|h| (span(base, h.name.as_bytes()), span(base, h.value)))
+        .map(|h| Header {
+            name: span(base, h.name.as_bytes()),
+            value: span(base, h.value),
+            known: Known::of(h.name.as_bytes()),
+        })
         .collect()
 }
 
+/// Comma-separated list items, trimmed, empty ones skipped.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 impl Fields {
-    /// Takes the head, the first `len` bytes of `buf`, with the spans of
-    /// its headers.
-    fn split(buf: &mut bytes::BytesMut, len: usize, headers: Vec<Spans>) -> Self {
-        Self {
+    /// Takes the head, the first `len` bytes of `buf`, with its headers.
+    fn split(buf: &mut bytes::BytesMut, len: usize, headers: Vec<Header>) -> Self {
+        let mut fields = Self {
             raw: buf.split_to(len).freeze(),
             headers,
+            connection: ConnectionTokens::default(),
+        };
+        let mut connection = ConnectionTokens::default();
+        for t in fields.known(Known::Connection).flat_map(tokens) {
+            if t.eq_ignore_ascii_case(b"close") {
+                connection.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                connection.keep_alive = true;
+            } else {
+                connection.names_headers = true;
+            }
         }
+        fields.connection = connection;
+        fields
     }
 
-    fn name(&self, i: usize) -> &[u8] {
-        &self.raw[self.headers[i].0.clone()]
+    /// Every (name, value, kind) triple, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8], Known)> {
+        self.headers.iter().map(|h| {
+            (
+                &self.raw[h.name.clone()],
+                &self.raw[h.value.clone()],
+                h.known,
+            )
+        })
     }
 
-    fn value(&self, i: usize) -> &[u8] {
-        &self.raw[self.headers[i].1.clone()]
-    }
-
-    /// Every (name, value) pair, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        (0..self.headers.len()).map(|i| (self.name(i), self.value(i)))
+    /// Every value of a recognised header, in order.
+    pub fn known(&self, kind: Known) -> impl Iterator<Item = &[u8]> {
+        self.iter().filter(move |h| h.2 == kind).map(|h| h.1)
     }
 
     /// Every value of `name` (ASCII case-insensitive), in order.
     pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+            .filter(move |h| h.0.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| h.1)
     }
 
     pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
         self.all(name).next()
     }
 
-    /// Whether a comma-separated header lists `token`.
-    pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.all(name)
-            .flat_map(|v| v.split(|b| *b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    /// Whether the header at hand must not be forwarded: hop-by-hop by
+    /// kind, or named in this message's Connection header.
+    pub fn is_hop_by_hop(&self, name: &[u8], known: Known) -> bool {
+        known.is_hop_by_hop()
+            || (self.connection.names_headers
+                && self
+                    .known(Known::Connection)
+                    .flat_map(tokens)
+                    .any(|t| t.eq_ignore_ascii_case(name)))
+    }
+
+    /// Whether the sender lets the connection carry another message.
+    fn keep_alive(&self, http10: bool) -> bool {
+        if http10 {
+            self.connection.keep_alive
+        } else {
+            !self.connection.close
+        }
     }
 
     /// Content-Length and Transfer-Encoding, checked the way RFC 9112 §6.3
     /// asks, so that a request smuggled past another hop is refused here.
     fn framing(&self) -> Result<Option<Framing>, HeadError> {
-        if self.get("transfer-encoding").is_some() {
-            if self.get("content-length").is_some() {
+        if self.known(Known::TransferEncoding).next().is_some() {
+            if self.known(Known::ContentLength).next().is_some() {
                 return Err(HeadError::Malformed(
                     "both Content-Length and Transfer-Encoding",
                 ));
             }
-            let last = self
-                .all("transfer-encoding")
-                .flat_map(|v| v.split(|b| *b == b','))
-                .map(<[u8]>::trim_ascii)
-                .filter(|t| !t.is_empty())
-                .last();
+            let last = self.known(Known::TransferEncoding).flat_map(tokens).last();
             return match last {
                 Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(Some(Framing::Chunked)),
-                _ => Err(HeadError::Malformed("unsupported Transfer-Encoding")),
+                _ => Err(HeadError::Malformed(UNSUPPORTED_CODING)),
             };
         }
         let mut length = None;
-        for v in self.all("content-length") {
+        for v in self.known(Known::ContentLength) {
             let n = parse_length(v).ok_or(HeadError::Malformed("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(HeadError::Malformed("conflicting Content-Length values"));
@@ -120,6 +216,8 @@ impl Fields {
         Ok(length.map(Framing::Length))
     }
 }
+
+const UNSUPPORTED_CODING: &str = "unsupported Transfer-Encoding";
 
 fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
@@ -207,11 +305,14 @@ impl RequestHead {
 
     /// Whether the client lets the connection carry another request.
     pub fn keep_alive(&self) -> bool {
-        if self.http10 {
-            self.fields.has_token("connection", "keep-alive")
-        } else {
-            !self.fields.has_token("connection", "close")
-        }
+        self.fields.keep_alive(self.http10)
+    }
+
+    /// The client waits for `100 Continue` before sending its body.
+    pub fn expects_continue(&self) -> bool {
+        self.fields
+            .known(Known::Expect)
+            .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
     }
 }
 
@@ -221,6 +322,7 @@ pub fn placeholder() -> RequestHead {
         fields: Fields {
             raw: Bytes::new(),
             headers: Vec::new(),
+            connection: ConnectionTokens::default(),
         },
         method: 0..0,
         target: 0..0,
@@ -292,12 +394,7 @@ impl ResponseHead {
 
     /// Whether the backend lets the connection carry another request.
     pub fn keep_alive(&self) -> bool {
-        let open = if self.http10 {
-            self.fields.has_token("connection", "keep-alive")
-        } else {
-            !self.fields.has_token("connection", "close")
-        };
-        open && self.framing != Framing::UntilClose
+        self.fields.keep_alive(self.http10) && self.framing != Framing::UntilClose
     }
 }
 
@@ -328,7 +425,7 @@ pub fn parse_response(
         Ok(Some(f)) => f,
         Ok(None) => Framing::UntilClose,
         // A response may use codings we do not decode: it then runs to close.
-        Err(HeadError::Malformed("unsupported Transfer-Encoding")) => Framing::UntilClose,
+        Err(HeadError::Malformed(UNSUPPORTED_CODING)) => Framing::UntilClose,
         Err(e) => return Err(e),
     };
     Ok(Some(ResponseHead {
@@ -338,31 +435,6 @@ pub fn parse_response(
         http10,
         framing,
     }))
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy sets itself;
-/// none is copied from one side to the other.
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-}
-
-/// Whether `name` is listed in the message's Connection header, which
-/// makes it hop-by-hop too.
-pub fn named_by_connection(fields: &Fields, name: &[u8]) -> bool {
-    fields
-        .all("connection")
-        .flat_map(|v| v.split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -461,9 +533,11 @@ mod tests {
         let head = request("GET / HTTP/1.1\r\nConnection: close, X-Hop\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(named_by_connection(&head.fields, b"x-hop"));
-        assert!(!named_by_connection(&head.fields, b"x-other"));
+        assert!(head.fields.is_hop_by_hop(b"X-Hop", Known::Other));
+        assert!(!head.fields.is_hop_by_hop(b"x-other", Known::Other));
         assert!(!head.keep_alive());
-        assert!(is_hop_by_hop(b"Transfer-Encoding"));
+        assert_eq!(Known::of(b"Transfer-Encoding"), Known::TransferEncoding);
+        assert!(Known::of(b"keep-alive").is_hop_by_hop());
+        assert_eq!(Known::of(b"x-request-ids"), Known::Other);
     }
 }

@@ -114,17 +114,23 @@ pub mod fastrand {
         static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
     }
 
-    /// Uniform-enough value in `0..n` (`n > 0`).
+    /// The next 64 random bits.
     #[inline]
-    pub fn below(n: u64) -> u64 {
+    pub fn next() -> u64 {
         STATE.with(|s| {
             let mut x = s.get();
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             s.set(x);
-            // Multiply-shift maps the 64-bit value onto 0..n without division.
-            ((u128::from(x) * u128::from(n)) >> 64) as u64
+            x
         })
+    }
+
+    /// Uniform-enough value in `0..n` (`n > 0`).
+    #[inline]
+    pub fn below(n: u64) -> u64 {
+        // Multiply-shift maps the 64-bit value onto 0..n without division.
+        ((u128::from(next()) * u128::from(n)) >> 64) as u64
     }
 }
