@@ -229,10 +229,10 @@ def urls(ports, upstream_port, scheme):
     }
 
 
-def throughput_rounds(bench, procs, ports, upstream_port, scheme, args):
+def throughput_rounds(bench, procs, ports, upstream_port, scheme, args, skip=(), label=None):
     """Alternates contender order each round; returns per-contender medians."""
     targets = urls(ports, upstream_port, scheme)
-    names = list(targets)
+    names = [n for n in targets if n not in skip]
     samples = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -242,7 +242,7 @@ def throughput_rounds(bench, procs, ports, upstream_port, scheme, args):
             res = run_wrk(targets[name], args.connections, args.duration)
             res["cpu_per_10k"] = (proc.cpu_seconds() - cpu0) / max(res["requests"], 1) * 10000
             samples[name].append(res)
-            print(f"  {scheme} round {r + 1} {name}: {res['rps']:.0f} req/s "
+            print(f"  {label or scheme} round {r + 1} {name}: {res['rps']:.0f} req/s "
                   f"p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms errors {res['errors']}",
                   file=sys.stderr)
     out = {}
@@ -333,24 +333,27 @@ def main():
 
 
 def scale_runs(bench, upstreams, sizes, args):
-    """Selection cost as the pool grows: one run per size and contender."""
-    lines = ["### Pool size (plain HTTP, req/s; ratio to the same contender at "
-             f"{sizes[0]} backends)", "",
-             "| backends | switchyard | nginx | haproxy |", "|---|---|---|---|"]
+    """Selection cost as the pool grows: the same rounds per size."""
+    names = ("switchyard", "nginx", "haproxy")
+    lines = ["### Pool size (plain HTTP, medians of the rounds; ratio to the same "
+             f"contender at {sizes[0]} backends)", "",
+             "| backends | " + " | ".join(f"{n} req/s | {n} CPU s/10k" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
     base = {}
     for n in sizes:
         procs, ports = bench.start_contenders(upstreams[:n], f"pool{n}-scale")
         try:
-            targets = urls(ports, upstreams[0], "http")
-            cells = []
-            for name in ("switchyard", "nginx", "haproxy"):
-                rps = run_wrk(targets[name], args.connections, args.duration)["rps"]
-                base.setdefault(name, rps)
-                cells.append(f"{rps:.0f} ({rps / base[name]:.2f})")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            res = throughput_rounds(bench, procs, ports, upstreams[0], "http", args,
+                                    skip=("direct",), label=f"pool {n}")
         finally:
             for proc in procs.values():
                 proc.stop()
+        cells = []
+        for name in names:
+            rps, cpu = res[name]["rps"], res[name]["cpu_per_10k"]
+            b_rps, b_cpu = base.setdefault(name, (rps, cpu))
+            cells += [f"{rps:.0f} ({rps / b_rps:.2f})", f"{cpu:.3f} ({cpu / b_cpu:.2f})"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
