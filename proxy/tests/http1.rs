@@ -340,6 +340,8 @@ enum Reply {
     Write(Vec<Vec<u8>>),
     /// Writes each part, then closes the connection.
     WriteThenClose(Vec<Vec<u8>>),
+    /// Writes each part with a pause before every part after the first.
+    Paced(Vec<Vec<u8>>, Duration),
     /// Never answers, and keeps the connection open.
     Hang,
 }
@@ -485,12 +487,16 @@ async fn serve(
         let received = Received { head, body };
         let reply = handler(&received);
         seen.lock().expect("not poisoned").push(received);
-        let (parts, close) = match reply {
-            Reply::Write(parts) => (parts, false),
-            Reply::WriteThenClose(parts) => (parts, true),
+        let (parts, close, pause) = match reply {
+            Reply::Write(parts) => (parts, false, Duration::ZERO),
+            Reply::WriteThenClose(parts) => (parts, true, Duration::ZERO),
+            Reply::Paced(parts, pause) => (parts, false, pause),
             Reply::Hang => std::future::pending().await,
         };
-        for part in parts {
+        for (i, part) in parts.into_iter().enumerate() {
+            if i > 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             if io.get_mut().write_all(&part).await.is_err() {
                 return;
             }
@@ -929,4 +935,117 @@ async fn hop_by_hop_headers_do_not_reach_the_backend() {
         "{:?}",
         got.head
     );
+}
+
+// ---------------------------------------------------------------------
+// Found in review of the HTTP/1.x engine
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_line_without_a_reason_phrase_is_relayed() {
+    let backend =
+        Backend::start(|_| Reply::Write(vec![raw_response("200", &["Content-Length: 2"], b"ok")]))
+            .await;
+    let proxy = proxy_for(&backend, "").await;
+    let mut client = Client::connect(&proxy).await;
+    for _ in 0..2 {
+        let resp = client.exchange("GET", request("GET", "/bare", &[])).await;
+        assert_eq!(resp.head.status(), 200, "{resp:?}");
+        assert_eq!(resp.body, b"ok");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_answers_to_head_have_no_body() {
+    let backend = reached_backend().await;
+    let body = pool("p", &[(backend.addr, 1)])
+        + "[[routes]]\npath_prefix = \"/api\"\npool = \"p\"\n\n"
+        + "[listeners.http]\naddress = \"127.0.0.1:{http_port}\"\nmode = \"serve\"\n";
+    let proxy = Proxy::start(&body).await;
+    let mut client = Client::connect(&proxy).await;
+
+    let head = client
+        .exchange("HEAD", request("HEAD", "/other", &[]))
+        .await;
+    assert_eq!(head.head.status(), 404, "{head:?}");
+    assert!(
+        head.head.content_length().is_some_and(|n| n > 0),
+        "{head:?}"
+    );
+    // Had the 404 carried its body, it would be read here as a status line.
+    let get = client.exchange("GET", request("GET", "/other", &[])).await;
+    assert_eq!(get.head.status(), 404, "{get:?}");
+    let json: serde_json::Value = serde_json::from_slice(&get.body).expect("JSON error body");
+    assert_eq!(json["error"]["type"], "no_route");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_is_forwarded_with_its_authority_as_host() {
+    let backend = reached_backend().await;
+    let proxy = proxy_for(&backend, "").await;
+    let mut client = Client::connect(&proxy).await;
+
+    let req = "GET HTTP://target.example:8080/abs?q=1 HTTP/1.1\r\nHost: other.example\r\n\r\n";
+    let resp = client.exchange("GET", req).await;
+    assert_eq!(resp.head.status(), 200, "{resp:?}");
+    let got = backend.only_request();
+    assert_eq!(got.path(), "/abs?q=1");
+    let hosts: Vec<&str> = got.head.all("host").collect();
+    assert_eq!(hosts, ["target.example:8080"], "{:?}", got.head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_requests_without_host_are_refused() {
+    let backend = reached_backend().await;
+    let proxy = proxy_for(&backend, "").await;
+    let mut client = Client::connect(&proxy).await;
+
+    client.send("GET /no-host HTTP/1.1\r\n\r\n").await;
+    let head = client.head_or_close().await.expect("an answer");
+    assert_eq!(head.status(), 400, "{head:?}");
+    assert!(backend.requests().is_empty(), "{:?}", backend.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_reaches_the_client_as_it_comes() {
+    let pause = Duration::from_millis(1500);
+    let backend = Backend::start(move |_| {
+        Reply::Paced(
+            vec![
+                [
+                    raw_response("200 OK", &["Transfer-Encoding: chunked"], b""),
+                    b"5\r\nfirst\r\n".to_vec(),
+                ]
+                .concat(),
+                b"4\r\nlast\r\n0\r\n\r\n".to_vec(),
+            ],
+            pause,
+        )
+    })
+    .await;
+    let proxy = proxy_for(&backend, "").await;
+    let mut client = Client::connect(&proxy).await;
+
+    let sent = Instant::now();
+    client.send(request("GET", "/stream", &[])).await;
+    let head = within("head", read_head(&mut client.io))
+        .await
+        .expect("a head")
+        .expect("not a close");
+    assert!(head.chunked(), "{head:?}");
+    let size = within("first chunk", read_line(&mut client.io, "chunk size"))
+        .await
+        .expect("chunk size");
+    let data = within("first chunk", read_line(&mut client.io, "chunk data"))
+        .await
+        .expect("chunk data");
+    assert_eq!((size.trim(), data.trim()), ("5", "first"));
+    assert!(
+        sent.elapsed() < pause,
+        "the first chunk came after {:?}, with the rest",
+        sent.elapsed()
+    );
+    let rest = within("rest", read_body(&mut client.io, Framing::Chunked))
+        .await
+        .expect("the rest of the body");
+    assert_eq!(rest, b"last");
 }

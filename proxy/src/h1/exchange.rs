@@ -105,6 +105,8 @@ impl Call {
 enum Failure {
     Connect(std::io::Error),
     TimedOut,
+    /// Writing the request failed (and no early answer could be read).
+    Unsent(String),
     Broken(String),
 }
 
@@ -116,10 +118,26 @@ impl Failure {
         }
     }
 
-    /// A pooled connection the backend had already closed: nothing was
-    /// answered, so the request goes again on a fresh connection.
-    fn is_stale(&self) -> bool {
-        matches!(self, Failure::Broken(_))
+    /// Whether a request that failed this way on a pooled connection,
+    /// with nothing answered, goes again on a fresh one to the same
+    /// backend: always when it could not be written (the backend had closed
+    /// the idle connection), else only a replayable body, since the
+    /// backend may have read the request before it closed.
+    fn may_resend(&self, replayable: bool) -> bool {
+        match self {
+            Failure::Unsent(_) => true,
+            Failure::Broken(_) => replayable,
+            Failure::Connect(_) | Failure::TimedOut => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Connect(e) => format!("connect: {e}"),
+            Failure::TimedOut => "timed out".to_string(),
+            Failure::Unsent(e) => format!("sending the request: {e}"),
+            Failure::Broken(e) => e.clone(),
+        }
     }
 }
 
@@ -131,7 +149,11 @@ impl Connection {
         self.route_and_forward(&mut call).await;
         call.record(&self.app.unrouted);
         call.lease = None;
-        if !call.keep && call.head.framing != Framing::Empty && !call.body_read {
+        // A large body left the buffer grown; do not hold that while idle.
+        if self.buf.is_empty() && self.buf.capacity() > 4 * super::CLIENT_BUFFER {
+            self.buf = bytes::BytesMut::with_capacity(super::CLIENT_BUFFER);
+        }
+        if !call.keep && call.head.has_body() && !call.body_read {
             self.linger().await;
         }
         call.keep
@@ -171,7 +193,7 @@ impl Connection {
     /// An answer given before the body was read: the connection closes
     /// unless there is no body.
     async fn refuse_unread(&mut self, call: &mut Call, status: u16, kind: &str, msg: &str) {
-        if call.head.framing != Framing::Empty {
+        if call.head.has_body() {
             call.keep = false;
         }
         self.respond(call, status, kind, msg).await;
@@ -229,18 +251,26 @@ impl Connection {
         let mut wire = Vec::with_capacity(fields.raw.len() + 160 + body.len());
         wire.extend_from_slice(head.method().as_bytes());
         wire.push(b' ');
-        wire.extend_from_slice(head.origin_form());
+        let (path, query) = head.origin_form();
+        wire.extend_from_slice(path);
+        wire.extend_from_slice(query);
         wire.extend_from_slice(b" HTTP/1.1\r\n");
+        // An absolute-form target's authority replaces the Host header.
+        let absolute = head.is_absolute_form();
+        if let Some(host) = head.authority().filter(|_| absolute) {
+            put_header(&mut wire, b"host", host);
+        }
         for (name, value, known) in fields.iter() {
             // The proxy frames the body and sets the forwarding headers.
-            let own = matches!(
-                known,
+            let own = match known {
+                Known::Host => absolute,
                 Known::ContentLength
-                    | Known::Expect
-                    | Known::XForwardedFor
-                    | Known::XForwardedProto
-                    | Known::XRequestId
-            );
+                | Known::Expect
+                | Known::XForwardedFor
+                | Known::XForwardedProto
+                | Known::XRequestId => true,
+                _ => false,
+            };
             if !own && !fields.is_hop_by_hop(name, known) {
                 put_header(&mut wire, name, value);
             }
@@ -274,7 +304,8 @@ impl Connection {
             call.tried.push(backend.addr);
             call.attempts += 1;
             let timeouts = &config.timeouts;
-            match attempt(&backend, wire, timeouts, left, call.head.is_head()).await {
+            let head_request = call.head.is_head();
+            match attempt(&backend, wire, timeouts, left, head_request, replayable).await {
                 Ok((conn, resp)) => {
                     let retry_after = resp.fields.get("retry-after").is_some();
                     request::record_answer(&backend, config, resp.status, retry_after);
@@ -288,8 +319,7 @@ impl Connection {
                     if connecting || !reused {
                         let what = match &failure {
                             Failure::Connect(e) => format!("connect failed: {e}"),
-                            Failure::TimedOut => "proxying failed: timed out".to_string(),
-                            Failure::Broken(e) => format!("proxying failed: {e}"),
+                            f => format!("proxying failed: {}", f.describe()),
                         };
                         backend.record_failure(&config.passive, what);
                     }
@@ -329,8 +359,7 @@ impl Connection {
             Failure::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 (504, format!("backend {name} timed out"))
             }
-            Failure::Connect(e) => (502, format!("backend {name} failed: connect: {e}")),
-            Failure::Broken(e) => (502, format!("backend {name} failed: {e}")),
+            f => (502, format!("backend {name} failed: {}", f.describe())),
         };
         let kind = if status == 504 {
             "upstream_timeout"
@@ -362,7 +391,7 @@ impl Connection {
         match relayed {
             Ok(done) => {
                 call.bytes_out = done.bytes_out;
-                if resp.keep_alive() && conn.buf.is_empty() {
+                if conn.reusable && resp.keep_alive() && conn.buf.is_empty() {
                     let backend = call.lease.as_ref().expect("leased").backend();
                     backend.idle.put(conn, config.timeouts.upstream_idle);
                 }
@@ -402,8 +431,14 @@ impl Connection {
                 put_header(out, name, value);
             }
         }
-        if resp.framing == Framing::Chunked && !decode {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        // A body passed through as coded names every coding as sent (a
+        // close-delimited one may carry codings other than chunked).
+        let coded =
+            resp.framing == Framing::UntilClose || (resp.framing == Framing::Chunked && !decode);
+        if coded {
+            for coding in fields.known(Known::TransferEncoding) {
+                put_header(out, b"transfer-encoding", coding);
+            }
         }
         let shown = &call.config().response_headers;
         if shown.pool {
@@ -439,11 +474,13 @@ impl Connection {
             .extend_from_slice(b"content-type: application/json\r\n");
         let _ = write!(self.out, "content-length: {}\r\n", body.len());
         self.end_head(call);
-        self.out.extend_from_slice(body.as_bytes());
+        // A HEAD answer has the body's headers but never the body.
+        let sent = if call.head.is_head() { 0 } else { body.len() };
+        self.out.extend_from_slice(&body.as_bytes()[..sent]);
         call.status = status;
         let wait = call.config().timeouts.read;
         match body::write_out(&mut self.io, &mut self.out, wait).await {
-            Ok(()) => call.bytes_out = body.len(),
+            Ok(()) => call.bytes_out = sent,
             Err(e) => {
                 call.keep = false;
                 call.error = Some(format!("could not send the error answer: {e}"));
@@ -481,6 +518,7 @@ async fn attempt(
     timeouts: &TimeoutSection,
     left: std::time::Duration,
     head_request: bool,
+    replayable: bool,
 ) -> Result<(Conn, ResponseHead), (Failure, bool)> {
     let mut pooled = backend.idle.take(timeouts.upstream_idle);
     loop {
@@ -496,24 +534,33 @@ async fn attempt(
             .unwrap_or(Err(Failure::TimedOut));
         match exchanged {
             Ok(resp) => return Ok((conn, resp)),
-            Err(f) if conn.reused && f.is_stale() && conn.buf.is_empty() => continue,
+            Err(f) if conn.reused && conn.buf.is_empty() && f.may_resend(replayable) => continue,
             Err(f) => return Err((f, conn.reused)),
         }
     }
 }
 
-/// Writes the request and reads the final response head, skipping
-/// interim (1xx) ones.
+/// Writes the request and reads the final response head.
 async fn exchange(
     conn: &mut Conn,
     wire: &[u8],
     head_request: bool,
 ) -> Result<ResponseHead, Failure> {
     use tokio::io::AsyncWriteExt;
-    conn.io
-        .write_all(wire)
-        .await
-        .map_err(|e| Failure::Broken(e.to_string()))?;
+    if let Err(e) = conn.io.write_all(wire).await {
+        // A backend may answer early (a 413, say) and close before reading
+        // the whole request: that answer, if it can still be read, is the
+        // response, and the connection is spent.
+        conn.reusable = false;
+        return read_head(conn, head_request)
+            .await
+            .map_err(|_| Failure::Unsent(e.to_string()));
+    }
+    read_head(conn, head_request).await
+}
+
+/// Reads the final response head, skipping interim (1xx) ones.
+async fn read_head(conn: &mut Conn, head_request: bool) -> Result<ResponseHead, Failure> {
     loop {
         match head::parse_response(&mut conn.buf, MAX_RESPONSE_HEAD, head_request) {
             Ok(Some(resp)) if resp.status == 101 => {

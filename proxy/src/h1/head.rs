@@ -35,6 +35,7 @@ pub enum Framing {
 /// passes compare a tag instead of names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Known {
+    Host,
     Connection,
     ContentLength,
     TransferEncoding,
@@ -55,6 +56,7 @@ impl Known {
         // The length picks the few candidates worth comparing.
         match name.len() {
             2 if is("te") => Known::HopByHop,
+            4 if is("host") => Known::Host,
             6 if is("expect") => Known::Expect,
             7 if is("trailer") || is("upgrade") => Known::HopByHop,
             10 if is("connection") => Known::Connection,
@@ -103,12 +105,12 @@ pub struct Fields {
     connection: ConnectionTokens,
 }
 
-fn header_spans(base: usize, headers: &[httparse::Header<'_>]) -> Vec<Header> {
+fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Header> {
     headers
         .iter()
         .map(|h| Header {
-            name: span(base, h.name.as_bytes()),
-            value: span(base, h.value),
+            name: span(buf, h.name.as_bytes()),
+            value: span(buf, h.value),
             known: Known::of(h.name.as_bytes()),
         })
         .collect()
@@ -175,6 +177,7 @@ impl Fields {
     pub fn is_hop_by_hop(&self, name: &[u8], known: Known) -> bool {
         known.is_hop_by_hop()
             || (self.connection.names_headers
+                && known != Known::ContentLength
                 && self
                     .known(Known::Connection)
                     .flat_map(tokens)
@@ -244,9 +247,14 @@ fn complete(
     }
 }
 
-/// `s`, a slice of the buffer starting at address `base`, as a range.
-fn span(base: usize, s: &[u8]) -> Range<usize> {
-    let start = s.as_ptr() as usize - base;
+/// `s`, a slice of `buf`, as a range of it.
+fn span(buf: &[u8], s: &[u8]) -> Range<usize> {
+    // httparse hands out a static "" for an empty or non-ASCII reason
+    // phrase: a slice from outside the buffer stands for nothing.
+    let start = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    if s.is_empty() || start > buf.len() || buf.len() - start < s.len() {
+        return 0..0;
+    }
     start..start + s.len()
 }
 
@@ -271,41 +279,52 @@ impl RequestHead {
         &self.fields.raw[self.target.clone()]
     }
 
-    /// The target in origin form (`/path?query`): the absolute form's
-    /// scheme and authority dropped.
-    pub fn origin_form(&self) -> &[u8] {
-        let t = self.target();
-        match absolute_parts(t) {
-            Some((_, [])) => b"/",
-            Some((_, rest)) => rest,
-            None => t,
-        }
+    /// The target in origin form as (path, `?query` or empty): an
+    /// absolute form's scheme and authority dropped, an empty path made `/`.
+    pub fn origin_form(&self) -> (&[u8], &[u8]) {
+        let t = absolute_parts(self.target()).map_or(self.target(), |(_, rest)| rest);
+        let end = t.iter().position(|b| *b == b'?').unwrap_or(t.len());
+        let (path, query) = t.split_at(end);
+        (if path.is_empty() { b"/" } else { path }, query)
     }
 
     /// The path without the query.
     pub fn path(&self) -> &str {
-        let t = self.origin_form();
-        let end = t.iter().position(|b| *b == b'?').unwrap_or(t.len());
-        // httparse accepts only visible ASCII in a target.
-        std::str::from_utf8(&t[..end]).unwrap_or("")
+        // httparse accepts only visible ASCII in a target, so this holds.
+        std::str::from_utf8(self.origin_form().0).unwrap_or("/")
     }
 
-    /// The authority of an absolute-form target, else the Host header.
+    /// The authority of an absolute-form target (which then replaces the
+    /// Host header, RFC 9112 §3.2.2), else the Host header.
+    pub fn authority(&self) -> Option<&[u8]> {
+        match absolute_parts(self.target()) {
+            Some((authority, _)) => Some(authority),
+            None => self.fields.known(Known::Host).next(),
+        }
+    }
+
+    pub fn is_absolute_form(&self) -> bool {
+        absolute_parts(self.target()).is_some()
+    }
+
     pub fn host(&self) -> Option<&str> {
-        let host = match absolute_parts(self.target()) {
-            Some((authority, _)) => authority,
-            None => self.fields.get("host")?,
-        };
-        std::str::from_utf8(host).ok()
+        std::str::from_utf8(self.authority()?).ok()
+    }
+
+    /// A body follows the head.
+    pub fn has_body(&self) -> bool {
+        !matches!(self.framing, Framing::Empty | Framing::Length(0))
     }
 
     pub fn is_head(&self) -> bool {
         self.method() == "HEAD"
     }
 
-    /// Whether the client lets the connection carry another request.
+    /// Whether the client lets the connection carry another request. An
+    /// HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112
+    /// §6.1): served, then the connection closes.
     pub fn keep_alive(&self) -> bool {
-        self.fields.keep_alive(self.http10)
+        self.fields.keep_alive(self.http10) && !(self.http10 && self.framing == Framing::Chunked)
     }
 
     /// The client waits for `100 Continue` before sending its body.
@@ -337,11 +356,13 @@ impl RequestHeaders for RequestHead {
     }
 }
 
-/// `http://host:port/path` -> (`host:port`, `/path`).
+/// `http://host:port/path` -> (`host:port`, `/path`); the scheme in any case.
 fn absolute_parts(target: &[u8]) -> Option<(&[u8], &[u8])> {
-    let rest = target
-        .strip_prefix(b"http://")
-        .or_else(|| target.strip_prefix(b"https://"))?;
+    let scheme_len = [&b"http://"[..], b"https://"]
+        .into_iter()
+        .find(|p| target.len() >= p.len() && target[..p.len()].eq_ignore_ascii_case(p))?
+        .len();
+    let rest = &target[scheme_len..];
     let end = rest
         .iter()
         .position(|b| *b == b'/' || *b == b'?')
@@ -362,13 +383,17 @@ pub fn parse_request(
     let Some(len) = complete(parsed, buf.len(), max_bytes, "malformed request head")? else {
         return Ok(None);
     };
-    let base = buf.as_ptr() as usize;
-    let method = span(base, req.method.unwrap_or_default().as_bytes());
-    let target = span(base, req.path.unwrap_or_default().as_bytes());
+    let method = span(buf, req.method.unwrap_or_default().as_bytes());
+    let target = span(buf, req.path.unwrap_or_default().as_bytes());
     let http10 = req.version == Some(0);
-    let headers = header_spans(base, req.headers);
+    let headers = header_spans(buf, req.headers);
     let fields = Fields::split(buf, len, headers);
     let framing = fields.framing()?.unwrap_or(Framing::Empty);
+    match fields.known(Known::Host).count() {
+        0 if !http10 => return Err(HeadError::Malformed("missing Host header")),
+        0 | 1 => {}
+        _ => return Err(HeadError::Malformed("more than one Host header")),
+    }
     Ok(Some(RequestHead {
         fields,
         method,
@@ -413,11 +438,10 @@ pub fn parse_response(
     let Some(len) = complete(parsed, buf.len(), max_bytes, "malformed response head")? else {
         return Ok(None);
     };
-    let base = buf.as_ptr() as usize;
     let status = resp.code.unwrap_or(0);
-    let reason = span(base, resp.reason.unwrap_or_default().as_bytes());
+    let reason = span(buf, resp.reason.unwrap_or_default().as_bytes());
     let http10 = resp.version == Some(0);
-    let headers = header_spans(base, resp.headers);
+    let headers = header_spans(buf, resp.headers);
     let fields = Fields::split(buf, len, headers);
     let bodiless = head_request || status < 200 || status == 204 || status == 304;
     let framing = match fields.framing() {
@@ -466,8 +490,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(head.host(), Some("b.example"));
-        assert_eq!(head.origin_form(), b"/x/y?q");
+        assert_eq!(head.origin_form(), (&b"/x/y"[..], &b"?q"[..]));
         assert_eq!(head.path(), "/x/y");
+        let bare = request("GET HTTP://b.example?q HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(bare.origin_form(), (&b"/"[..], &b"?q"[..]));
+        assert_eq!(bare.host(), Some("b.example"));
     }
 
     #[test]
@@ -490,6 +519,28 @@ mod tests {
     }
 
     #[test]
+    fn http11_requests_need_exactly_one_host() {
+        let none = request("GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            none.err(),
+            Some(HeadError::Malformed("missing Host header"))
+        );
+        let two = request("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+        assert_eq!(
+            two.err(),
+            Some(HeadError::Malformed("more than one Host header"))
+        );
+        assert!(request("GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
+    }
+
+    #[test]
+    fn http10_chunked_requests_close_the_connection() {
+        let text =
+            "POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(!request(text).unwrap().unwrap().keep_alive());
+    }
+
+    #[test]
     fn http10_keeps_alive_only_when_asked() {
         let plain = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!plain.keep_alive());
@@ -508,6 +559,12 @@ mod tests {
         };
         let ok = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false);
         assert_eq!((ok.status, ok.reason()), (200, &b"OK"[..]));
+        for no_reason in [
+            "HTTP/1.1 200\r\n\r\n",
+            "HTTP/1.1 200 Tr\u{e8}s bien\r\n\r\n",
+        ] {
+            assert_eq!(parse(no_reason, false).reason(), b"", "{no_reason:?}");
+        }
         assert_eq!(ok.framing, Framing::Length(5));
         assert!(ok.keep_alive());
         assert_eq!(
@@ -530,7 +587,7 @@ mod tests {
 
     #[test]
     fn connection_lists_extra_hop_by_hop_names() {
-        let head = request("GET / HTTP/1.1\r\nConnection: close, X-Hop\r\n\r\n")
+        let head = request("GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Hop\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(head.fields.is_hop_by_hop(b"X-Hop", Known::Other));

@@ -38,6 +38,8 @@ use head::{HeadError, RequestHead};
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Read buffer of a client connection.
 const CLIENT_BUFFER: usize = 16 * 1024;
+/// Longest wait for a closing connection's close_notify or FIN to go out.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The application of the public listeners.
 pub struct Frontend {
@@ -114,16 +116,24 @@ impl Connection {
     async fn serve(mut self, mut shutdown: ShutdownWatch) {
         loop {
             let max_head = self.app.shared.active().config.limits.max_header_bytes;
-            match self.next_head(&mut shutdown, max_head).await {
-                Ok(Some(head)) => {
-                    if !self.serve_request(head).await {
-                        return;
-                    }
+            let again = match self.next_head(&mut shutdown, max_head).await {
+                Ok(Some(head)) => self.serve_request(head).await,
+                Ok(None) => false,
+                Err(e) => {
+                    self.refuse_head(e, max_head).await;
+                    false
                 }
-                Ok(None) => return,
-                Err(e) => return self.refuse_head(e, max_head).await,
+            };
+            if !again {
+                return self.close().await;
             }
         }
+    }
+
+    /// Ends the connection with a TLS close_notify (or a FIN): a body that
+    /// runs to the close is then told apart from a truncated one.
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.io.shutdown()).await;
     }
 
     /// The next request head; `None` when the client closes, stays idle
@@ -134,8 +144,13 @@ impl Connection {
         max_head: usize,
     ) -> Result<Option<RequestHead>, HeadError> {
         let head_wait = self.app.shared.active().config.timeouts.read;
-        let started = tokio::time::Instant::now();
+        // A head has `timeouts.read` from its first byte; idling before it
+        // is the keep-alive wait's.
+        let mut deadline = None;
         loop {
+            if !self.buf.is_empty() && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + head_wait);
+            }
             if !self.buf.is_empty() {
                 if let Some(head) = head::parse_request(&mut self.buf, max_head)? {
                     return Ok(Some(head));
@@ -144,16 +159,13 @@ impl Connection {
             if self.buf.capacity() - self.buf.len() < CLIENT_BUFFER / 4 {
                 self.buf.reserve(CLIENT_BUFFER);
             }
-            let read = if self.buf.is_empty() {
-                if *shutdown.borrow() {
-                    return Ok(None);
-                }
-                tokio::select! {
+            let read = match deadline {
+                None if *shutdown.borrow() => return Ok(None),
+                None => tokio::select! {
                     r = tokio::time::timeout(KEEPALIVE_IDLE, self.io.read_buf(&mut self.buf)) => r,
                     _ = shutdown.changed() => return Ok(None),
-                }
-            } else {
-                tokio::time::timeout_at(started + head_wait, self.io.read_buf(&mut self.buf)).await
+                },
+                Some(at) => tokio::time::timeout_at(at, self.io.read_buf(&mut self.buf)).await,
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}
@@ -182,16 +194,19 @@ impl Connection {
     /// body: shutting the write side and draining for a moment lets the
     /// client read the answer instead of getting a reset.
     async fn linger(&mut self) {
-        const LINGER: Duration = Duration::from_millis(500);
+        const LINGER: Duration = Duration::from_secs(2);
         const MAX_DRAIN: usize = 1 << 20;
-        let _ = self.io.shutdown().await;
-        let mut drained = 0;
-        let mut sink = [0u8; 8192];
-        while drained < MAX_DRAIN {
-            match tokio::time::timeout(LINGER, self.io.read(&mut sink)).await {
-                Ok(Ok(n)) if n > 0 => drained += n,
-                _ => return,
+        let drain = async {
+            let _ = self.io.shutdown().await;
+            let mut drained = 0;
+            let mut sink = [0u8; 8192];
+            while drained < MAX_DRAIN {
+                match self.io.read(&mut sink).await {
+                    Ok(n) if n > 0 => drained += n,
+                    _ => return,
+                }
             }
-        }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }

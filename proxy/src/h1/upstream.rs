@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,12 @@ use tokio::net::TcpStream;
 
 /// Idle connections kept per backend; more are closed when released.
 const IDLE_PER_BACKEND: usize = 256;
+/// Idle connections kept over all backends together (Pingora's h2 path
+/// keeps as many).
+const IDLE_TOTAL: usize = 4096;
+
+/// Idle connections held right now, over every backend.
+static IDLE_HELD: AtomicUsize = AtomicUsize::new(0);
 
 /// An open connection to a backend with its read buffer.
 pub struct Conn {
@@ -25,6 +32,8 @@ pub struct Conn {
     pub buf: BytesMut,
     /// Taken from the idle set rather than freshly opened.
     pub reused: bool,
+    /// May go back to the idle set once its response is read.
+    pub reusable: bool,
     idle_since: Instant,
 }
 
@@ -41,6 +50,7 @@ impl Conn {
             io,
             buf: BytesMut::with_capacity(16 * 1024),
             reused: false,
+            reusable: true,
             idle_since: Instant::now(),
         })
     }
@@ -70,6 +80,7 @@ impl Idle {
     pub fn take(&self, max_idle: Duration) -> Option<Conn> {
         let mut conns = self.lock();
         while let Some(mut conn) = conns.pop_back() {
+            IDLE_HELD.fetch_sub(1, Relaxed);
             if conn.idle_since.elapsed() < max_idle && conn.is_open() {
                 conn.reused = true;
                 return Some(conn);
@@ -88,8 +99,10 @@ impl Idle {
             .is_some_and(|c| c.idle_since.elapsed() >= max_idle)
         {
             conns.pop_front();
+            IDLE_HELD.fetch_sub(1, Relaxed);
         }
-        if conns.len() < IDLE_PER_BACKEND {
+        if conns.len() < IDLE_PER_BACKEND && IDLE_HELD.load(Relaxed) < IDLE_TOTAL {
+            IDLE_HELD.fetch_add(1, Relaxed);
             conns.push_back(conn);
         }
     }
@@ -98,7 +111,10 @@ impl Idle {
     /// calls this so that a backend no longer sent traffic is not left
     /// with half-closed sockets.
     pub fn prune(&self, max_idle: Duration) {
-        self.lock().retain(|c| c.idle_since.elapsed() < max_idle);
+        let mut conns = self.lock();
+        let before = conns.len();
+        conns.retain(|c| c.idle_since.elapsed() < max_idle);
+        IDLE_HELD.fetch_sub(before - conns.len(), Relaxed);
     }
 
     pub fn len(&self) -> usize {

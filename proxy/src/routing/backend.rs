@@ -269,3 +269,40 @@ impl Drop for Lease {
         self.backend.in_flight.fetch_sub(1, Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::time::Duration;
+
+    #[test]
+    fn ejections_double_from_the_base_up_to_the_cap() {
+        let policy = PassiveSection {
+            failures: 2,
+            ejection_base: Duration::from_secs(5),
+            ejection_max: Duration::from_secs(60),
+        };
+        let backend = Backend::new(
+            "127.0.0.1:9".parse().expect("addr"),
+            "b".into(),
+            Metrics::new().backend("b"),
+        );
+        let mut lengths_s = Vec::new();
+        for _ in 0..6 {
+            assert!(!backend.record_failure(&policy, "first".into()));
+            let before = clock::now_ms();
+            assert!(backend.record_failure(&policy, "second".into()));
+            assert!(backend.is_ejected());
+            let until = backend.ejection.lock().expect("lock").until_ms;
+            lengths_s.push((until - before + 500) / 1000);
+            assert!(
+                !backend.end_ejection_if_due(until - 1),
+                "not before it is due"
+            );
+            assert!(backend.end_ejection_if_due(until));
+            assert!(!backend.is_ejected());
+        }
+        assert_eq!(lengths_s, [5, 10, 20, 40, 60, 60]);
+    }
+}

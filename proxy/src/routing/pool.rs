@@ -87,7 +87,7 @@ impl Pool {
     }
 
     /// The least loaded of [`CHOICES`] eligible members drawn by weight;
-    /// `None` if the draw budget runs out first.
+    /// `None` if the draw budget runs out before that many are found.
     fn draw(&self, alias: &Alias, tried: &[SocketAddr], now: u64) -> Option<usize> {
         let mut best: Option<(usize, u64, u64)> = None;
         let mut found = 0;
@@ -104,10 +104,10 @@ impl Pool {
             }
             found += 1;
             if found == CHOICES {
-                break;
+                return best.map(|(i, _, _)| i);
             }
         }
-        best.map(|(i, _, _)| i)
+        None
     }
 
     /// The eligible member with the lowest load / weight, skipping backends
