@@ -87,9 +87,7 @@ impl Call {
             path: self.head.path(),
             status: self.status,
             pool: self.pool.as_deref(),
-            served_by: self
-                .member
-                .filter(|_| self.refusal.is_none() && self.status > 0),
+            served_by: self.member.filter(|_| self.refusal.is_none()),
             backend: self.backend_name(),
             elapsed: self.start.elapsed(),
             attempts: self.attempts,

@@ -262,7 +262,10 @@ fn span(buf: &[u8], s: &[u8]) -> Range<usize> {
 pub struct RequestHead {
     pub fields: Fields,
     method: Range<usize>,
-    target: Range<usize>,
+    /// The target without an absolute form's scheme and authority.
+    origin: Range<usize>,
+    /// An absolute-form target's authority.
+    absolute: Option<Range<usize>>,
     /// HTTP/1.0 rather than HTTP/1.1.
     pub http10: bool,
     pub framing: Framing,
@@ -274,15 +277,10 @@ impl RequestHead {
         std::str::from_utf8(&self.fields.raw[self.method.clone()]).unwrap_or("")
     }
 
-    /// The request target as sent (origin form, or absolute form).
-    pub fn target(&self) -> &[u8] {
-        &self.fields.raw[self.target.clone()]
-    }
-
     /// The target in origin form as (path, `?query` or empty): an
     /// absolute form's scheme and authority dropped, an empty path made `/`.
     pub fn origin_form(&self) -> (&[u8], &[u8]) {
-        let t = absolute_parts(self.target()).map_or(self.target(), |(_, rest)| rest);
+        let t = &self.fields.raw[self.origin.clone()];
         let end = t.iter().position(|b| *b == b'?').unwrap_or(t.len());
         let (path, query) = t.split_at(end);
         (if path.is_empty() { b"/" } else { path }, query)
@@ -297,14 +295,14 @@ impl RequestHead {
     /// The authority of an absolute-form target (which then replaces the
     /// Host header, RFC 9112 §3.2.2), else the Host header.
     pub fn authority(&self) -> Option<&[u8]> {
-        match absolute_parts(self.target()) {
-            Some((authority, _)) => Some(authority),
+        match &self.absolute {
+            Some(authority) => Some(&self.fields.raw[authority.clone()]),
             None => self.fields.known(Known::Host).next(),
         }
     }
 
     pub fn is_absolute_form(&self) -> bool {
-        absolute_parts(self.target()).is_some()
+        self.absolute.is_some()
     }
 
     pub fn host(&self) -> Option<&str> {
@@ -344,7 +342,8 @@ pub fn placeholder() -> RequestHead {
             connection: ConnectionTokens::default(),
         },
         method: 0..0,
-        target: 0..0,
+        origin: 0..0,
+        absolute: None,
         http10: false,
         framing: Framing::Empty,
     }
@@ -384,7 +383,11 @@ pub fn parse_request(
         return Ok(None);
     };
     let method = span(buf, req.method.unwrap_or_default().as_bytes());
-    let target = span(buf, req.path.unwrap_or_default().as_bytes());
+    let target = req.path.unwrap_or_default().as_bytes();
+    let (absolute, origin) = match absolute_parts(target) {
+        Some((authority, rest)) => (Some(span(buf, authority)), span(buf, rest)),
+        None => (None, span(buf, target)),
+    };
     let http10 = req.version == Some(0);
     let headers = header_spans(buf, req.headers);
     let fields = Fields::split(buf, len, headers);
@@ -397,7 +400,8 @@ pub fn parse_request(
     Ok(Some(RequestHead {
         fields,
         method,
-        target,
+        origin,
+        absolute,
         http10,
         framing,
     }))

@@ -115,8 +115,11 @@ impl Connection {
 
     async fn serve(mut self, mut shutdown: ShutdownWatch) {
         loop {
-            let max_head = self.app.shared.active().config.limits.max_header_bytes;
-            let again = match self.next_head(&mut shutdown, max_head).await {
+            let (max_head, head_wait) = {
+                let config = &self.app.shared.active().config;
+                (config.limits.max_header_bytes, config.timeouts.read)
+            };
+            let again = match self.next_head(&mut shutdown, max_head, head_wait).await {
                 Ok(Some(head)) => self.serve_request(head).await,
                 Ok(None) => false,
                 Err(e) => {
@@ -142,8 +145,8 @@ impl Connection {
         &mut self,
         shutdown: &mut ShutdownWatch,
         max_head: usize,
+        head_wait: Duration,
     ) -> Result<Option<RequestHead>, HeadError> {
-        let head_wait = self.app.shared.active().config.timeouts.read;
         // A head has `timeouts.read` from its first byte; idling before it
         // is the keep-alive wait's.
         let mut deadline = None;
