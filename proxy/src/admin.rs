@@ -44,6 +44,11 @@ impl Admin {
 
     fn metrics(&self) -> Reply {
         self.shared.refresh_gauges();
+        let m = &self.shared.metrics;
+        m.client_connections
+            .set(i64::try_from(crate::listener::open_connections()).unwrap_or(i64::MAX));
+        m.body_buffer_bytes
+            .set(i64::try_from(crate::h1::body::buffered_bytes()).unwrap_or(i64::MAX));
         let body = self.shared.metrics.encode();
         reply(StatusCode::OK, "text/plain; version=0.0.4", body)
     }

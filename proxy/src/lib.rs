@@ -1,8 +1,8 @@
 //! Switchyard: a Pingora-based TLS load balancer for inference fleets.
 //!
 //! Modules, in request order: [`config`] (the TOML file), [`tls`] (the
-//! public listener's key pair), [`h1`] (the listener's application and
-//! its HTTP/1.x engine), [`proxy`] (the `ProxyHttp` hooks, for h2),
+//! public listener's key pair), [`listener`] (the public listeners'
+//! application: connection cap, ALPN dispatch), [`h1`] (the HTTP/1.x engine), [`proxy`] (the `ProxyHttp` hooks, for h2),
 //! [`request`] (what both engines share),
 //! [`routing`] (routes, splits, weighted least-connections), [`health`]
 //! (active checks), [`metrics`] and [`admin`] (the admin listener);
@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 pub mod h1;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -42,6 +42,12 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload_success: Gauge,
     split_weight: IntGaugeVec,
+    /// Connections closed at accept by `limits.max_connections`.
+    pub connections_refused: IntCounter,
+    /// Set at scrape time from the listener's count.
+    pub client_connections: IntGauge,
+    /// Set at scrape time from the request-body budget.
+    pub body_buffer_bytes: IntGauge,
 }
 
 /// Per-backend handles, resolved once.
@@ -176,6 +182,30 @@ impl Metrics {
                         "Weight of each pool in each route's split, as in effect.",
                     ),
                     &["route", "pool"],
+                )
+                .expect("valid metric"),
+            ),
+            connections_refused: register(
+                &r,
+                IntCounter::new(
+                    "switchyard_client_connections_refused_total",
+                    "Client connections closed at accept because limits.max_connections were open.",
+                )
+                .expect("valid metric"),
+            ),
+            client_connections: register(
+                &r,
+                IntGauge::new(
+                    "switchyard_client_connections",
+                    "Client connections open on the public listeners, TLS handshakes included.",
+                )
+                .expect("valid metric"),
+            ),
+            body_buffer_bytes: register(
+                &r,
+                IntGauge::new(
+                    "switchyard_request_body_buffer_bytes",
+                    "Bytes of request bodies buffered right now, against limits.body_buffer_total.",
                 )
                 .expect("valid metric"),
             ),

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
+use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::BackgroundService;
@@ -16,9 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::admin::{Admin, Redirect};
-use crate::config::{Config, HttpMode};
-use crate::h1::Frontend;
+use crate::config::{Config, HttpMode, LimitSection};
 use crate::health::{self, Checker};
+use crate::listener::{CountTls, Frontend, Gate};
 use crate::proxy::Switchyard;
 use crate::reload::Reloader;
 use crate::shared::Shared;
@@ -41,6 +44,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> anyhow::Result<()> {
     let https = config.listeners.https.clone();
     let pair = tls::load_key_pair(&https.cert, &https.key).map_err(|e| anyhow::anyhow!("{e}"))?;
     let server_conf = server_conf(&config, options);
+    raise_fd_limit(config.limits.max_connections);
     let shared = Shared::new(config, config_path.to_path_buf(), CertStore::new(pair));
     health::warm_up(&shared);
 
@@ -79,6 +83,58 @@ fn server_conf(config: &Config, options: RunOptions) -> ServerConf {
     }
 }
 
+/// The h2 settings a client is held to: the head and stream limits and
+/// the flow-control windows of `[limits]`. The h2 crate's own defaults
+/// bound the rest: 20 pending resets (rapid reset, CVE-2023-44487), 400 KiB
+/// queued per stream for sending, and CONTINUATION frames counted against
+/// the header-list size.
+fn h2_options(limits: &LimitSection) -> H2Options {
+    let mut options = default_h2_options();
+    options
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_streams)
+        .initial_window_size(limits.h2_stream_window)
+        .initial_connection_window_size(limits.h2_connection_window);
+    options
+}
+
+/// Lifts the open-file soft limit to the hard limit (as nginx's
+/// `worker_rlimit_nofile` does) and warns when `max_connections` cannot
+/// fit: past the limit, accept fails and Pingora pauses its accept loop.
+fn raise_fd_limit(max_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        lim.rlim_cur
+    };
+    // Each proxied request may also hold an upstream socket.
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if soft < needed {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit is below 2 x limits.max_connections + 256; raise `ulimit -n` or lower the limit"
+        );
+    }
+}
+
 /// Idle upstream connections kept open; see `server_conf`.
 const UPSTREAM_KEEPALIVE_POOL: usize = 4096;
 
@@ -91,17 +147,25 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     let active = shared.active();
     let l = &active.config.listeners;
 
-    let h2 = pingora::proxy::http_proxy(&conf, Switchyard::new(shared.clone()));
+    let mut h2 = pingora::proxy::http_proxy(&conf, Switchyard::new(shared.clone()));
+    h2.h2_options = Some(h2_options(&active.config.limits));
     let mut proxy = Service::new("switchyard proxy".into(), Frontend::new(h2, shared.clone()));
+    // No L4 read buffer: Pingora's 64 KiB per connection was most of an
+    // idle connection's 120 KiB; the engines read in their own buffers.
     let https = &l.https;
-    proxy.add_tls_with_settings(
-        &https.address.to_string(),
-        None,
-        shared.certs.listener_settings(&https.cert, &https.key),
+    let tls = shared.certs.listener_settings(&https.cert, &https.key);
+    proxy.add_listener(
+        ListenerConfig::tcp(https.address.to_string())
+            .tls(tls)
+            .l4_buffer(L4BufferSettings::unbuffered()),
     );
     if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Serve) {
-        proxy.add_tcp(&http.address.to_string());
+        proxy.add_listener(
+            ListenerConfig::tcp(http.address.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
+        );
     }
+    proxy.set_connection_filter(Gate::new(shared.clone()));
+    proxy.endpoints().set_pre_tls_callback(Arc::new(CountTls));
     server.add_service(proxy);
 
     if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Redirect) {

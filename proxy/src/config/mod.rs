@@ -196,6 +196,17 @@ impl Default for PassiveSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutSection {
+    /// How long a client connection may sit idle between requests.
+    #[serde(with = "duration")]
+    pub client_idle: Duration,
+    /// How long a client has to send a whole request head, from its first
+    /// byte (and a new connection from its accept).
+    #[serde(with = "duration")]
+    pub client_head: Duration,
+    /// How long a client has to send a whole request body, from the end of
+    /// its head; never past `total`.
+    #[serde(with = "duration")]
+    pub client_body: Duration,
     /// TCP connect to a backend.
     #[serde(with = "duration")]
     pub connect: Duration,
@@ -213,6 +224,9 @@ pub struct TimeoutSection {
 impl Default for TimeoutSection {
     fn default() -> Self {
         Self {
+            client_idle: Duration::from_secs(60),
+            client_head: Duration::from_secs(10),
+            client_body: Duration::from_secs(30),
             connect: Duration::from_secs(1),
             read: Duration::from_secs(30),
             total: Duration::from_secs(60),
@@ -247,17 +261,55 @@ impl Default for RetrySection {
 pub struct LimitSection {
     /// Larger request bodies get 413.
     pub max_body_bytes: u64,
+    /// All request bodies being buffered at once, together; a body that
+    /// would pass it gets 503 with Retry-After.
+    pub body_buffer_total: u64,
     /// Larger request heads (request line plus headers) get 431.
     pub max_header_bytes: usize,
+    /// More header fields in one request get 431 (at most 128).
+    pub max_headers: usize,
+    /// Header names with an underscore: `drop` them (nginx's default),
+    /// `refuse` the request with 400, or `forward` them.
+    pub underscores_in_headers: Underscores,
+    /// Client connections open at once, over both public listeners; more
+    /// are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_streams: u32,
+    /// HTTP/2 flow-control window of each stream, in bytes.
+    pub h2_stream_window: u32,
+    /// HTTP/2 flow-control window of each connection, in bytes.
+    pub h2_connection_window: u32,
 }
 
 impl Default for LimitSection {
     fn default() -> Self {
         Self {
             max_body_bytes: 8 * 1024 * 1024,
+            body_buffer_total: 256 * 1024 * 1024,
             max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            underscores_in_headers: Underscores::Drop,
+            max_connections: 10_000,
+            max_streams: 100,
+            h2_stream_window: 256 * 1024,
+            h2_connection_window: 1024 * 1024,
         }
     }
+}
+
+/// Upper bound of `limits.max_headers` (and the most fields any head, a
+/// backend's response included, may carry).
+pub const MAX_HEADERS: usize = 128;
+
+/// What becomes of a request header whose name has an underscore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Underscores {
+    #[default]
+    Drop,
+    Refuse,
+    Forward,
 }
 
 /// Which identifying headers are added to responses.

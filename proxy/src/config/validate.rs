@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::error::Problem;
 use super::locate::KeyPath;
-use super::{Config, PoolSpec, RouteSpec, Sticky, PINGORA_RETRY_BUFFER};
+use super::{Config, PoolSpec, RouteSpec, Sticky, MAX_HEADERS, PINGORA_RETRY_BUFFER};
 use crate::tls::{self, KeyPairFile};
 
 /// Checks `config`, resolving relative paths against `base` and backend
@@ -159,6 +159,9 @@ impl Validator {
     fn timeouts(&mut self, c: &Config) {
         let t = &c.timeouts;
         for (key, d) in [
+            ("client_idle", t.client_idle),
+            ("client_head", t.client_head),
+            ("client_body", t.client_body),
             ("connect", t.connect),
             ("read", t.read),
             ("total", t.total),
@@ -198,6 +201,36 @@ impl Validator {
             &["limits", "max_header_bytes"],
             "must be at least 1024",
         );
+        self.check(
+            l.body_buffer_total >= l.max_body_bytes,
+            &["limits", "body_buffer_total"],
+            "must not be below limits.max_body_bytes, or the largest allowed body could never be buffered",
+        );
+        self.check(
+            (1..=MAX_HEADERS).contains(&l.max_headers),
+            &["limits", "max_headers"],
+            &format!("must be between 1 and {MAX_HEADERS}"),
+        );
+        self.check(
+            l.max_connections >= 1,
+            &["limits", "max_connections"],
+            "must be at least 1",
+        );
+        self.check(
+            (1..=MAX_STREAMS).contains(&l.max_streams),
+            &["limits", "max_streams"],
+            &format!("must be between 1 and {MAX_STREAMS}"),
+        );
+        for (key, window) in [
+            ("h2_stream_window", l.h2_stream_window),
+            ("h2_connection_window", l.h2_connection_window),
+        ] {
+            self.check(
+                (H2_MIN_WINDOW..=H2_MAX_WINDOW).contains(&window),
+                &["limits", key],
+                &format!("must be between {H2_MIN_WINDOW} and {H2_MAX_WINDOW} (RFC 9113 §6.9)"),
+            );
+        }
     }
 
     fn pools(&mut self, c: &mut Config) {
@@ -351,6 +384,13 @@ impl Validator {
         }
     }
 }
+
+/// Upper bound of `limits.max_streams`: each open stream may hold a
+/// buffered body, so the product with `max_connections` is the memory risk.
+const MAX_STREAMS: u32 = 1000;
+/// HTTP/2's initial window, and the largest window it allows.
+const H2_MIN_WINDOW: u32 = 65_535;
+const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// Read for the admin token when neither `token_env` nor `token_file` is set.
 pub const DEFAULT_TOKEN_ENV: &str = "SWITCHYARD_ADMIN_TOKEN";

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::time::Instant as Deadline;
+
 use bytes::Bytes;
 
 use super::body::{self, BodyError, Relay, RelayError};
@@ -106,6 +108,9 @@ enum Failure {
     /// Writing the request failed (and no early answer could be read).
     Unsent(String),
     Broken(String),
+    /// Failed after the backend had begun to answer (an interim 1xx, or
+    /// part of a head): the request was seen, so it is never sent again.
+    Answered(String),
 }
 
 impl Failure {
@@ -125,7 +130,7 @@ impl Failure {
         match self {
             Failure::Unsent(_) => true,
             Failure::Broken(_) => replayable,
-            Failure::Connect(_) | Failure::TimedOut => false,
+            Failure::Connect(_) | Failure::TimedOut | Failure::Answered(_) => false,
         }
     }
 
@@ -134,7 +139,7 @@ impl Failure {
             Failure::Connect(e) => format!("connect: {e}"),
             Failure::TimedOut => "timed out".to_string(),
             Failure::Unsent(e) => format!("sending the request: {e}"),
-            Failure::Broken(e) => e.clone(),
+            Failure::Broken(e) | Failure::Answered(e) => e.clone(),
         }
     }
 }
@@ -183,8 +188,8 @@ impl Connection {
         let Some(body) = self.read_body(call).await else {
             return;
         };
-        let wire = self.upstream_request(call, &body);
-        let replayable = body.len() <= active.config.retry.buffer_body_max;
+        let wire = self.upstream_request(call, body.bytes);
+        let replayable = wire.body.len() <= active.config.retry.buffer_body_max;
         self.forward(call, &wire, replayable).await;
     }
 
@@ -197,7 +202,7 @@ impl Connection {
         self.respond(call, status, kind, msg).await;
     }
 
-    async fn read_body(&mut self, call: &mut Call) -> Option<Bytes> {
+    async fn read_body(&mut self, call: &mut Call) -> Option<body::Body> {
         let framing = call.head.framing;
         let expects = call.head.expects_continue();
         if framing != Framing::Empty && expects && !call.head.http10 && self.buf.is_empty() {
@@ -211,15 +216,31 @@ impl Connection {
                 return None;
             }
         }
-        let (max, wait) = (
-            call.config().limits.max_body_bytes,
-            call.config().timeouts.read,
-        );
-        match body::read_request(&mut self.io, &mut self.buf, framing, max, wait).await {
+        let config = call.active.config.clone();
+        let (limits, timeouts) = (&config.limits, &config.timeouts);
+        let budget_end = call.start + timeouts.total;
+        let limits = body::BodyLimits {
+            max: limits.max_body_bytes,
+            budget: limits.body_buffer_total,
+            deadline: Deadline::from_std((Instant::now() + timeouts.client_body).min(budget_end)),
+        };
+        let max = limits.max;
+        match body::read_request(&mut self.io, &mut self.buf, framing, limits).await {
             Ok(body) => {
-                call.bytes_in = body.len();
+                call.bytes_in = body.bytes.len();
                 call.body_read = true;
                 Some(body)
+            }
+            Err(BodyError::TimedOut) => {
+                call.keep = false;
+                let msg = "the request body did not arrive in time";
+                self.respond(call, 408, "request_timeout", msg).await;
+                None
+            }
+            Err(BodyError::Busy(what)) => {
+                call.keep = false;
+                self.respond(call, 503, "overloaded", what).await;
+                None
             }
             Err(BodyError::TooLarge) => {
                 call.keep = false;
@@ -243,10 +264,12 @@ impl Connection {
 
     /// The request as sent to a backend: hop-by-hop headers dropped, the
     /// forwarding headers set, the body framed by length.
-    fn upstream_request(&self, call: &Call, body: &[u8]) -> Vec<u8> {
+    fn upstream_request(&self, call: &Call, body: Bytes) -> Wire {
         let head = &call.head;
         let fields = &head.fields;
-        let mut wire = Vec::with_capacity(fields.raw.len() + 160 + body.len());
+        let inline = body.len() <= INLINE_BODY;
+        let room = if inline { body.len() } else { 0 };
+        let mut wire = Vec::with_capacity(fields.raw.len() + 160 + room);
         wire.extend_from_slice(head.method().as_bytes());
         wire.push(b' ');
         let (path, query) = head.origin_form();
@@ -269,7 +292,7 @@ impl Connection {
                 | Known::XRequestId => true,
                 _ => false,
             };
-            if !own && !fields.is_hop_by_hop(name, known) {
+            if !own && !known.is_hop_by_hop() {
                 put_header(&mut wire, name, value);
             }
         }
@@ -285,12 +308,18 @@ impl Connection {
             let _ = write!(wire, "content-length: {}\r\n", body.len());
         }
         wire.extend_from_slice(b"\r\n");
-        wire.extend_from_slice(body);
-        wire
+        if inline {
+            wire.extend_from_slice(&body);
+            return Wire {
+                head: wire,
+                body: Bytes::new(),
+            };
+        }
+        Wire { head: wire, body }
     }
 
     /// Attempts on backends until one answers or the retry rule says stop.
-    async fn forward(&mut self, call: &mut Call, wire: &[u8], replayable: bool) {
+    async fn forward(&mut self, call: &mut Call, wire: &Wire, replayable: bool) {
         let active = call.active.clone();
         let config = &active.config;
         let pool = call.pool.clone().expect("picked before forwarding");
@@ -313,6 +342,7 @@ impl Connection {
                 }
                 Err((failure, reused)) => {
                     let timed_out = matches!(failure, Failure::TimedOut);
+                    let answered = matches!(failure, Failure::Answered(_));
                     let connecting = matches!(failure, Failure::Connect(_));
                     if connecting || !reused {
                         let what = match &failure {
@@ -323,7 +353,8 @@ impl Connection {
                     }
                     // A timeout after connecting is not retried: it would
                     // only double the load.
-                    let retry = (connecting || !timed_out) && may_retry(call, &pool, replayable);
+                    let retry = (connecting || !(timed_out || answered))
+                        && may_retry(call, &pool, replayable);
                     if !retry {
                         return self.fail(call, &failure).await;
                     }
@@ -425,7 +456,7 @@ impl Connection {
         let fields = &resp.fields;
         for (name, value, known) in fields.iter() {
             // The request id is the proxy's.
-            if known != Known::XRequestId && !fields.is_hop_by_hop(name, known) {
+            if known != Known::XRequestId && !known.is_hop_by_hop() {
                 put_header(out, name, value);
             }
         }
@@ -471,6 +502,10 @@ impl Connection {
         self.out
             .extend_from_slice(b"content-type: application/json\r\n");
         let _ = write!(self.out, "content-length: {}\r\n", body.len());
+        if status == 503 {
+            // The proxy's own 503s are load, not faults: ask for a retry.
+            self.out.extend_from_slice(b"retry-after: 1\r\n");
+        }
         self.end_head(call);
         // A HEAD answer has the body's headers but never the body.
         let sent = if call.head.is_head() { 0 } else { body.len() };
@@ -512,7 +547,7 @@ fn may_retry(call: &Call, pool: &Pool, replayable: bool) -> bool {
 /// stale, a fresh one), the request written, the response head read.
 async fn attempt(
     backend: &Backend,
-    wire: &[u8],
+    wire: &Wire,
     timeouts: &TimeoutSection,
     left: std::time::Duration,
     head_request: bool,
@@ -541,11 +576,15 @@ async fn attempt(
 /// Writes the request and reads the final response head.
 async fn exchange(
     conn: &mut Conn,
-    wire: &[u8],
+    wire: &Wire,
     head_request: bool,
 ) -> Result<ResponseHead, Failure> {
     use tokio::io::AsyncWriteExt;
-    if let Err(e) = conn.io.write_all(wire).await {
+    let mut written = conn.io.write_all(&wire.head).await;
+    if written.is_ok() && !wire.body.is_empty() {
+        written = conn.io.write_all(&wire.body).await;
+    }
+    if let Err(e) = written {
         // A backend may answer early (a 413, say) and close before reading
         // the whole request: that answer, if it can still be read, is the
         // response, and the connection is spent.
@@ -557,23 +596,43 @@ async fn exchange(
     read_head(conn, head_request).await
 }
 
-/// Reads the final response head, skipping interim (1xx) ones.
+/// Reads the final response head, skipping interim (1xx) ones. Once any
+/// byte of an answer has come, a failure is [`Failure::Answered`].
 async fn read_head(conn: &mut Conn, head_request: bool) -> Result<ResponseHead, Failure> {
+    let mut interim = false;
     loop {
         match head::parse_response(&mut conn.buf, MAX_RESPONSE_HEAD, head_request) {
             Ok(Some(resp)) if resp.status == 101 => {
-                return Err(Failure::Broken("protocol upgrade not supported".into()))
+                return Err(Failure::Answered("protocol upgrade not supported".into()))
             }
-            Ok(Some(resp)) if resp.status < 200 => continue,
+            Ok(Some(resp)) if resp.status < 200 => {
+                interim = true;
+                continue;
+            }
             Ok(Some(resp)) => return Ok(resp),
             Ok(None) => {}
-            Err(_) => return Err(Failure::Broken("malformed response head".into())),
+            Err(_) => return Err(Failure::Answered("malformed response head".into())),
         }
-        body::read_some(&mut conn.io, &mut conn.buf)
-            .await
-            .map_err(Failure::from_body)?;
+        let begun = interim || !conn.buf.is_empty();
+        if let Err(e) = body::read_some(&mut conn.io, &mut conn.buf).await {
+            return Err(match Failure::from_body(e) {
+                Failure::Broken(what) if begun => Failure::Answered(what),
+                f => f,
+            });
+        }
     }
 }
+
+/// A request as written to a backend: the head, with a small body inline
+/// so that one write carries both, or a large body apart so that it is
+/// never copied.
+struct Wire {
+    head: Vec<u8>,
+    body: Bytes,
+}
+
+/// Bodies up to this size are copied into the head's write.
+const INLINE_BODY: usize = 16 * 1024;
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);

@@ -8,17 +8,34 @@ use std::ops::Range;
 use bytes::Bytes;
 use http::HeaderName;
 
+use crate::config::{Underscores, MAX_HEADERS};
 use crate::routing::RequestHeaders;
 
-/// Most headers accepted in one head; more is answered 431.
-pub const MAX_HEADERS: usize = 128;
+/// Most options a Connection header may list. Each named header is matched
+/// against every field once per head, so the cap bounds that work (14,000
+/// tokens had cost 6-7 ms of CPU per request); nginx refuses such heads too.
+pub const MAX_CONNECTION_TOKENS: usize = 32;
 
 /// Why a head could not be parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
-    /// Over `max_header_bytes`, or over [`MAX_HEADERS`] fields.
+    /// Over `max_header_bytes`, or over the header-count cap.
     TooLarge,
     Malformed(&'static str),
+    /// A transfer coding the proxy does not implement (RFC 9112 §6.1: 501).
+    NotImplemented(&'static str),
+    /// The head did not arrive within `timeouts.client_head`.
+    TimedOut,
+}
+
+/// What a request head may hold; from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_bytes: usize,
+    pub max_headers: usize,
+    /// Underscored names: some backends fold them into their dash-named
+    /// twins (`Content_Length`), so they are dropped by default.
+    pub underscores: Underscores,
 }
 
 /// How a message body is delimited.
@@ -45,8 +62,10 @@ pub enum Known {
     XRequestId,
     /// The other hop-by-hop headers of RFC 9110 §7.6.1 and their kin:
     /// Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade,
-    /// Proxy-Authenticate.
+    /// Proxy-Authenticate; and any header the Connection header names.
     HopByHop,
+    /// A request header the proxy drops (an underscore in its name).
+    Dropped,
     Other,
 }
 
@@ -76,7 +95,16 @@ impl Known {
     pub fn is_hop_by_hop(self) -> bool {
         matches!(
             self,
-            Known::Connection | Known::TransferEncoding | Known::HopByHop
+            Known::Connection | Known::TransferEncoding | Known::HopByHop | Known::Dropped
+        )
+    }
+
+    /// Headers a Connection option cannot strip: the proxy needs them to
+    /// route and to frame (`Connection: Host` had removed Host upstream).
+    fn is_protected(self) -> bool {
+        matches!(
+            self,
+            Known::Host | Known::ContentLength | Known::TransferEncoding
         )
     }
 }
@@ -93,8 +121,6 @@ struct Header {
 struct ConnectionTokens {
     close: bool,
     keep_alive: bool,
-    /// It names other headers, which are then hop-by-hop too.
-    names_headers: bool,
 }
 
 /// Fields both heads have.
@@ -116,6 +142,27 @@ fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Header> {
         .collect()
 }
 
+/// Applies the underscore policy to a request's header names.
+fn police_underscores(
+    headers: &mut [Header],
+    buf: &[u8],
+    policy: Underscores,
+) -> Result<(), HeadError> {
+    if policy == Underscores::Forward {
+        return Ok(());
+    }
+    for h in headers
+        .iter_mut()
+        .filter(|h| buf[h.name.clone()].contains(&b'_'))
+    {
+        match policy {
+            Underscores::Refuse => return Err(HeadError::Malformed("underscore in a header name")),
+            _ => h.known = Known::Dropped,
+        }
+    }
+    Ok(())
+}
+
 /// Comma-separated list items, trimmed, empty ones skipped.
 fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',')
@@ -124,25 +171,50 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 impl Fields {
-    /// Takes the head, the first `len` bytes of `buf`, with its headers.
-    fn split(buf: &mut bytes::BytesMut, len: usize, headers: Vec<Header>) -> Self {
+    /// Takes the head, the first `len` bytes of `buf`, with its headers,
+    /// and reads its Connection options once: the headers they name are
+    /// tagged hop-by-hop here, so no later pass parses them again.
+    fn split(
+        buf: &mut bytes::BytesMut,
+        len: usize,
+        headers: Vec<Header>,
+    ) -> Result<Self, HeadError> {
         let mut fields = Self {
             raw: buf.split_to(len).freeze(),
             headers,
             connection: ConnectionTokens::default(),
         };
-        let mut connection = ConnectionTokens::default();
-        for t in fields.known(Known::Connection).flat_map(tokens) {
-            if t.eq_ignore_ascii_case(b"close") {
-                connection.close = true;
-            } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                connection.keep_alive = true;
-            } else {
-                connection.names_headers = true;
+        let mut named: [Range<usize>; MAX_CONNECTION_TOKENS] = Default::default();
+        let mut count = 0;
+        for h in fields
+            .headers
+            .iter()
+            .filter(|h| h.known == Known::Connection)
+        {
+            for t in tokens(&fields.raw[h.value.clone()]) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    fields.connection.close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    fields.connection.keep_alive = true;
+                } else if count == MAX_CONNECTION_TOKENS {
+                    return Err(HeadError::Malformed("too many Connection options"));
+                } else {
+                    named[count] = span(&fields.raw, t);
+                    count += 1;
+                }
             }
         }
-        fields.connection = connection;
-        fields
+        for option in &named[..count] {
+            let option = &fields.raw[option.clone()];
+            for h in fields.headers.iter_mut() {
+                if !h.known.is_protected()
+                    && fields.raw[h.name.clone()].eq_ignore_ascii_case(option)
+                {
+                    h.known = Known::HopByHop;
+                }
+            }
+        }
+        Ok(fields)
     }
 
     /// Every (name, value, kind) triple, in order.
@@ -172,18 +244,6 @@ impl Fields {
         self.all(name).next()
     }
 
-    /// Whether the header at hand must not be forwarded: hop-by-hop by
-    /// kind, or named in this message's Connection header.
-    pub fn is_hop_by_hop(&self, name: &[u8], known: Known) -> bool {
-        known.is_hop_by_hop()
-            || (self.connection.names_headers
-                && known != Known::ContentLength
-                && self
-                    .known(Known::Connection)
-                    .flat_map(tokens)
-                    .any(|t| t.eq_ignore_ascii_case(name)))
-    }
-
     /// Whether the sender lets the connection carry another message.
     fn keep_alive(&self, http10: bool) -> bool {
         if http10 {
@@ -193,21 +253,48 @@ impl Fields {
         }
     }
 
-    /// Content-Length and Transfer-Encoding, checked the way RFC 9112 §6.3
-    /// asks, so that a request smuggled past another hop is refused here.
-    fn framing(&self) -> Result<Option<Framing>, HeadError> {
-        if self.known(Known::TransferEncoding).next().is_some() {
-            if self.known(Known::ContentLength).next().is_some() {
-                return Err(HeadError::Malformed(
-                    "both Content-Length and Transfer-Encoding",
-                ));
+    /// A request's framing, checked the way RFC 9112 §6.3 asks, so that a
+    /// request smuggled past another hop is refused here. The only coding
+    /// implemented is a lone `chunked`: anything else (`gzip, chunked`,
+    /// `chunked, chunked`, a second Transfer-Encoding line) gets 501, as
+    /// nginx answers, rather than being de-chunked and forwarded as plain.
+    fn request_framing(&self) -> Result<Option<Framing>, HeadError> {
+        let mut codings = self.known(Known::TransferEncoding);
+        if let Some(first) = codings.next() {
+            self.refuse_length_with_coding()?;
+            let lone_chunked = first.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            if !lone_chunked || codings.next().is_some() {
+                return Err(HeadError::NotImplemented(UNSUPPORTED_CODING));
             }
-            let last = self.known(Known::TransferEncoding).flat_map(tokens).last();
-            return match last {
-                Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(Some(Framing::Chunked)),
-                _ => Err(HeadError::Malformed(UNSUPPORTED_CODING)),
-            };
+            return Ok(Some(Framing::Chunked));
         }
+        self.content_length()
+    }
+
+    /// A response's framing: chunked when that is the final coding; other
+    /// codings run to the close, passed through as sent.
+    fn response_framing(&self) -> Result<Option<Framing>, HeadError> {
+        if self.known(Known::TransferEncoding).next().is_some() {
+            self.refuse_length_with_coding()?;
+            let last = self.known(Known::TransferEncoding).flat_map(tokens).last();
+            return Ok(Some(match last {
+                Some(t) if t.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+                _ => Framing::UntilClose,
+            }));
+        }
+        self.content_length()
+    }
+
+    fn refuse_length_with_coding(&self) -> Result<(), HeadError> {
+        match self.known(Known::ContentLength).next() {
+            Some(_) => Err(HeadError::Malformed(
+                "both Content-Length and Transfer-Encoding",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn content_length(&self) -> Result<Option<Framing>, HeadError> {
         let mut length = None;
         for v in self.known(Known::ContentLength) {
             let n = parse_length(v).ok_or(HeadError::Malformed("invalid Content-Length"))?;
@@ -355,6 +442,51 @@ impl RequestHeaders for RequestHead {
     }
 }
 
+/// Whether `v` is an authority the proxy will route and forward: RFC 3986
+/// `host [":" port]` without userinfo, where host is a bracketed IP literal
+/// or a non-empty reg-name (IPv4 is a reg-name's subset). Spaces, slashes,
+/// `@` and control bytes are refused, as both peers refuse them.
+pub fn valid_authority(v: &[u8]) -> bool {
+    let (host, port) = match v.iter().rposition(|b| *b == b':') {
+        // A colon inside brackets belongs to an IPv6 literal.
+        Some(i) if !v[i..].contains(&b']') => (&v[..i], &v[i + 1..]),
+        _ => (v, &b""[..]),
+    };
+    let port_ok = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        }
+        _ => !host.is_empty() && reg_name(host),
+    };
+    host_ok && port_ok
+}
+
+/// RFC 3986 reg-name: unreserved, sub-delims and `%HH` escapes.
+fn reg_name(host: &[u8]) -> bool {
+    let mut i = 0;
+    while i < host.len() {
+        let b = host[i];
+        let ok = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
+        if b == b'%' {
+            let escaped = host.get(i + 1..i + 3);
+            if !escaped.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// `http://host:port/path` -> (`host:port`, `/path`); the scheme in any case.
 fn absolute_parts(target: &[u8]) -> Option<(&[u8], &[u8])> {
     let scheme_len = [&b"http://"[..], b"https://"]
@@ -373,30 +505,34 @@ fn absolute_parts(target: &[u8]) -> Option<(&[u8], &[u8])> {
 /// complete. On success the head's bytes are split off `buf`.
 pub fn parse_request(
     buf: &mut bytes::BytesMut,
-    max_bytes: usize,
+    limits: &RequestLimits,
 ) -> Result<Option<RequestHead>, HeadError> {
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let slots = &mut slots[..limits.max_headers.min(MAX_HEADERS)];
     let mut req = httparse::Request::new(&mut []);
-    let parsed = httparse::ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut req, buf, &mut slots);
-    let Some(len) = complete(parsed, buf.len(), max_bytes, "malformed request head")? else {
+    let parsed =
+        httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, slots);
+    let malformed = "malformed request head";
+    let Some(len) = complete(parsed, buf.len(), limits.max_bytes, malformed)? else {
         return Ok(None);
     };
     let method = span(buf, req.method.unwrap_or_default().as_bytes());
     let target = req.path.unwrap_or_default().as_bytes();
     let (absolute, origin) = match absolute_parts(target) {
+        Some((authority, _)) if !valid_authority(authority) => {
+            return Err(HeadError::Malformed(
+                "invalid authority in the request target",
+            ))
+        }
         Some((authority, rest)) => (Some(span(buf, authority)), span(buf, rest)),
         None => (None, span(buf, target)),
     };
     let http10 = req.version == Some(0);
-    let headers = header_spans(buf, req.headers);
-    let fields = Fields::split(buf, len, headers);
-    let framing = fields.framing()?.unwrap_or(Framing::Empty);
-    match fields.known(Known::Host).count() {
-        0 if !http10 => return Err(HeadError::Malformed("missing Host header")),
-        0 | 1 => {}
-        _ => return Err(HeadError::Malformed("more than one Host header")),
-    }
+    let mut headers = header_spans(buf, req.headers);
+    police_underscores(&mut headers, buf, limits.underscores)?;
+    let fields = Fields::split(buf, len, headers)?;
+    let framing = fields.request_framing()?.unwrap_or(Framing::Empty);
+    check_host(&fields, http10)?;
     Ok(Some(RequestHead {
         fields,
         method,
@@ -405,6 +541,19 @@ pub fn parse_request(
         http10,
         framing,
     }))
+}
+
+/// Exactly one valid Host header, or none in HTTP/1.0.
+fn check_host(fields: &Fields, http10: bool) -> Result<(), HeadError> {
+    let mut hosts = fields.known(Known::Host);
+    match (hosts.next(), hosts.next()) {
+        (None, _) if !http10 => Err(HeadError::Malformed("missing Host header")),
+        (Some(_), Some(_)) => Err(HeadError::Malformed("more than one Host header")),
+        (Some(host), None) if !valid_authority(host.trim_ascii()) => {
+            Err(HeadError::Malformed("invalid Host header"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A parsed response head.
@@ -446,14 +595,12 @@ pub fn parse_response(
     let reason = span(buf, resp.reason.unwrap_or_default().as_bytes());
     let http10 = resp.version == Some(0);
     let headers = header_spans(buf, resp.headers);
-    let fields = Fields::split(buf, len, headers);
+    let fields = Fields::split(buf, len, headers)?;
     let bodiless = head_request || status < 200 || status == 204 || status == 304;
-    let framing = match fields.framing() {
+    let framing = match fields.response_framing() {
         _ if bodiless => Framing::Empty,
         Ok(Some(f)) => f,
         Ok(None) => Framing::UntilClose,
-        // A response may use codings we do not decode: it then runs to close.
-        Err(HeadError::Malformed(UNSUPPORTED_CODING)) => Framing::UntilClose,
         Err(e) => return Err(e),
     };
     Ok(Some(ResponseHead {
@@ -470,8 +617,21 @@ mod tests {
     use super::*;
     use bytes::BytesMut;
 
+    const LIMITS: RequestLimits = RequestLimits {
+        max_bytes: 1024,
+        max_headers: 8,
+        underscores: Underscores::Drop,
+    };
+
     fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
-        parse_request(&mut BytesMut::from(text), 1024)
+        parse_request(&mut BytesMut::from(text), &LIMITS)
+    }
+
+    fn kinds(head: &RequestHead) -> Vec<(String, Known)> {
+        head.fields
+            .iter()
+            .map(|(n, _, k)| (String::from_utf8_lossy(n).into_owned(), k))
+            .collect()
     }
 
     #[test]
@@ -479,7 +639,7 @@ mod tests {
         let mut buf = BytesMut::from(
             "POST /v1/e?x=1 HTTP/1.1\r\nHost: a:8443\r\nContent-Length: 3\r\n\r\nabc",
         );
-        let head = parse_request(&mut buf, 1024).unwrap().unwrap();
+        let head = parse_request(&mut buf, &LIMITS).unwrap().unwrap();
         assert_eq!(head.method(), "POST");
         assert_eq!(head.path(), "/v1/e");
         assert_eq!(head.host(), Some("a:8443"));
@@ -518,8 +678,101 @@ mod tests {
         assert!(matches!(request(twice), Err(HeadError::Malformed(_))));
         let junk = "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n";
         assert!(matches!(request(junk), Err(HeadError::Malformed(_))));
-        let gzip = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
-        assert!(matches!(request(gzip), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn only_a_lone_chunked_coding_is_implemented() {
+        for te in [
+            "Transfer-Encoding: gzip",
+            "Transfer-Encoding: gzip, chunked",
+            "Transfer-Encoding: identity, chunked",
+            "Transfer-Encoding: chunked, chunked",
+            "Transfer-Encoding: ,chunked",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+        ] {
+            let text = format!("POST / HTTP/1.1\r\nHost: a\r\n{te}\r\n\r\n");
+            assert!(
+                matches!(request(&text), Err(HeadError::NotImplemented(_))),
+                "{te}"
+            );
+        }
+        let ok = request("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked \r\n\r\n");
+        assert_eq!(ok.unwrap().unwrap().framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn hosts_and_authorities_are_checked() {
+        for bad in [
+            "GET https://user:pw@other:99/p HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http:///p HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:99999x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n",
+        ] {
+            assert!(
+                matches!(request(bad), Err(HeadError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+        for good in [
+            "a",
+            "a.example:8443",
+            "[::1]:8443",
+            "127.0.0.1",
+            "x_y.z",
+            "a%41",
+        ] {
+            assert!(valid_authority(good.as_bytes()), "{good}");
+        }
+    }
+
+    #[test]
+    fn connection_options_cannot_strip_host_and_are_capped() {
+        let head = request("GET / HTTP/1.1\r\nHost: a\r\nConnection: Host, content-length\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&head)[0], ("Host".to_string(), Known::Host));
+        let many: Vec<String> = (0..=MAX_CONNECTION_TOKENS)
+            .map(|i| format!("x{i}"))
+            .collect();
+        let text = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\n\r\n",
+            many.join(",")
+        );
+        assert!(matches!(request(&text), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn underscore_names_follow_the_policy() {
+        let text = "GET / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\n\r\n";
+        let head = request(text).unwrap().unwrap();
+        assert_eq!(kinds(&head)[1].1, Known::Dropped);
+        let refuse = RequestLimits {
+            underscores: Underscores::Refuse,
+            ..LIMITS
+        };
+        let refused = parse_request(&mut BytesMut::from(text), &refuse);
+        assert!(matches!(refused, Err(HeadError::Malformed(_))));
+        let forward = RequestLimits {
+            underscores: Underscores::Forward,
+            ..LIMITS
+        };
+        let head = parse_request(&mut BytesMut::from(text), &forward)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&head)[1].1, Known::Other);
+    }
+
+    #[test]
+    fn the_header_count_is_capped() {
+        let headers: String = (0..LIMITS.max_headers)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
+        let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
+        assert_eq!(request(&text).err(), Some(HeadError::TooLarge));
     }
 
     #[test]
@@ -591,11 +844,14 @@ mod tests {
 
     #[test]
     fn connection_lists_extra_hop_by_hop_names() {
-        let head = request("GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Hop\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(head.fields.is_hop_by_hop(b"X-Hop", Known::Other));
-        assert!(!head.fields.is_hop_by_hop(b"x-other", Known::Other));
+        let head = request(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Hop\r\nx-hop: 1\r\nx-other: 2\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let kinds = kinds(&head);
+        assert!(kinds[2].1.is_hop_by_hop(), "{kinds:?}");
+        assert!(!kinds[3].1.is_hop_by_hop(), "{kinds:?}");
         assert!(!head.keep_alive());
         assert_eq!(Known::of(b"Transfer-Encoding"), Known::TransferEncoding);
         assert!(Known::of(b"keep-alive").is_hop_by_hop());

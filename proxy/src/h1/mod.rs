@@ -1,14 +1,14 @@
-//! The public listener's application, and its own HTTP/1.x engine.
+//! The HTTP/1.x engine of the public listeners.
 //!
-//! Connections that negotiated h2 go to Pingora's proxy ([`crate::proxy`]).
-//! HTTP/1.x is served here: Pingora's HTTP/1 proxy path measured 3.3x
-//! nginx's instructions per request (docs/benchmarks.md), most of it in
-//! per-request session objects, header maps and tasks that a proxy with
-//! one job does not need. Pingora still owns the listeners, TLS, graceful
-//! upgrade and shutdown.
+//! Pingora's HTTP/1 proxy path measured 3.3x nginx's instructions per
+//! request (docs/benchmarks.md), most of it in per-request session
+//! objects, header maps and tasks that a proxy with one job does not need.
+//! Pingora still owns the listeners, TLS, graceful upgrade and shutdown.
 //!
 //! Per connection: read a head ([`head`]), serve the request
 //! ([`exchange`]), and go round again while both sides keep it alive.
+//! An idle connection gives its buffers back after [`HOT_IDLE`], so a
+//! silent client costs its task and socket, not 32 KiB of buffers.
 
 pub mod body;
 mod exchange;
@@ -20,65 +20,27 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::BytesMut;
-use pingora::apps::ServerApp;
-use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
-use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
-use crate::proxy::Switchyard;
-use crate::shared::Shared;
-use head::{HeadError, RequestHead};
+use crate::config::Config;
+use crate::listener::Frontend;
+use head::{HeadError, RequestHead, RequestLimits};
 
-/// How long a kept-alive client connection may sit between requests
-/// (Pingora's HTTP/1 default).
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-/// Read buffer of a client connection.
+/// Read buffer of a client connection while it is in use.
 const CLIENT_BUFFER: usize = 16 * 1024;
+/// How long an idle connection keeps its buffers in case the next request
+/// follows at once, as it does for a busy keep-alive client.
+const HOT_IDLE: Duration = Duration::from_millis(100);
 /// Longest wait for a closing connection's close_notify or FIN to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// The application of the public listeners.
-pub struct Frontend {
-    h2: Arc<HttpProxy<Switchyard>>,
-    shared: Arc<Shared>,
-    /// `requests_total{pool="none",backend="none"}`: answered before routing.
-    unrouted: [IntCounter; 6],
-}
-
-impl Frontend {
-    pub fn new(h2: HttpProxy<Switchyard>, shared: Arc<Shared>) -> Self {
-        let unrouted = shared.metrics.requests_by_class("none", "none");
-        Self {
-            h2: Arc::new(h2),
-            shared,
-            unrouted,
-        }
-    }
-}
-
-#[async_trait]
-impl ServerApp for Frontend {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.h2.process_new(stream, shutdown).await;
-        }
-        Connection::new(self.clone(), stream)
-            .serve(shutdown.clone())
-            .await;
-        None
-    }
-
-    async fn cleanup(&self) {
-        self.h2.cleanup().await;
-    }
+/// Serves one HTTP/1.x client connection until it closes.
+pub async fn serve(app: Arc<Frontend>, io: Stream, shutdown: ShutdownWatch) {
+    Connection::new(app, io).serve(shutdown).await;
 }
 
 /// One client connection speaking HTTP/1.x.
@@ -102,8 +64,8 @@ impl Connection {
         Self {
             app,
             io,
-            buf: BytesMut::with_capacity(CLIENT_BUFFER),
-            out: Vec::with_capacity(CLIENT_BUFFER),
+            buf: BytesMut::new(),
+            out: Vec::new(),
             client,
             tls,
         }
@@ -114,22 +76,23 @@ impl Connection {
     }
 
     async fn serve(mut self, mut shutdown: ShutdownWatch) {
+        // A new connection owes its first head promptly; later ones may
+        // idle for the keep-alive time first.
+        let mut idle = self.app.shared.active().config.timeouts.client_head;
         loop {
-            let (max_head, head_wait) = {
-                let config = &self.app.shared.active().config;
-                (config.limits.max_header_bytes, config.timeouts.read)
-            };
-            let again = match self.next_head(&mut shutdown, max_head, head_wait).await {
+            let limits = head_limits(&self.app.shared.active().config);
+            let again = match self.next_head(&mut shutdown, &limits, idle).await {
                 Ok(Some(head)) => self.serve_request(head).await,
                 Ok(None) => false,
                 Err(e) => {
-                    self.refuse_head(e, max_head).await;
+                    self.refuse_head(e, limits.max_bytes).await;
                     false
                 }
             };
             if !again {
                 return self.close().await;
             }
+            idle = self.app.shared.active().config.timeouts.client_idle;
         }
     }
 
@@ -140,41 +103,71 @@ impl Connection {
     }
 
     /// The next request head; `None` when the client closes, stays idle
-    /// too long, or the server shuts down while it is idle.
+    /// past `idle`, or the server shuts down while it is idle.
     async fn next_head(
         &mut self,
         shutdown: &mut ShutdownWatch,
-        max_head: usize,
-        head_wait: Duration,
+        limits: &RequestLimits,
+        idle: Duration,
     ) -> Result<Option<RequestHead>, HeadError> {
-        // A head has `timeouts.read` from its first byte; idling before it
-        // is the keep-alive wait's.
-        let mut deadline = None;
+        if self.buf.is_empty() && !self.await_bytes(shutdown, idle).await {
+            return Ok(None);
+        }
+        // A head has `timeouts.client_head` from its first byte.
+        let deadline = Instant::now() + self.app.shared.active().config.timeouts.client_head;
         loop {
-            if !self.buf.is_empty() && deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + head_wait);
-            }
-            if !self.buf.is_empty() {
-                if let Some(head) = head::parse_request(&mut self.buf, max_head)? {
-                    return Ok(Some(head));
-                }
+            if let Some(head) = head::parse_request(&mut self.buf, limits)? {
+                return Ok(Some(head));
             }
             if self.buf.capacity() - self.buf.len() < CLIENT_BUFFER / 4 {
                 self.buf.reserve(CLIENT_BUFFER);
             }
-            let read = match deadline {
-                None if *shutdown.borrow() => return Ok(None),
-                None => tokio::select! {
-                    r = tokio::time::timeout(KEEPALIVE_IDLE, self.io.read_buf(&mut self.buf)) => r,
-                    _ = shutdown.changed() => return Ok(None),
-                },
-                Some(at) => tokio::time::timeout_at(at, self.io.read_buf(&mut self.buf)).await,
-            };
-            match read {
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
-                // Timed out, closed or failed: nothing to answer.
-                _ => return Ok(None),
+                Err(_) => return Err(HeadError::TimedOut),
+                // Closed or failed mid-head: nothing to answer.
+                Ok(_) => return Ok(None),
             }
+        }
+    }
+
+    /// Waits up to `idle` for the first bytes of a head; false when none
+    /// come or the server begins to shut down. After [`HOT_IDLE`] the
+    /// buffers go back to the allocator and the wait goes on through a
+    /// one-byte read, which needs none.
+    async fn await_bytes(&mut self, shutdown: &mut ShutdownWatch, idle: Duration) -> bool {
+        if *shutdown.borrow() {
+            return false;
+        }
+        let until = Instant::now() + idle;
+        // A fresh connection has no buffers yet and starts cold.
+        if self.buf.capacity() > 0 {
+            if self.buf.capacity() - self.buf.len() < CLIENT_BUFFER / 4 {
+                self.buf.reserve(CLIENT_BUFFER);
+            }
+            let hot = (Instant::now() + HOT_IDLE).min(until);
+            tokio::select! {
+                r = tokio::time::timeout_at(hot, self.io.read_buf(&mut self.buf)) => match r {
+                    Ok(Ok(n)) => return n > 0,
+                    Ok(Err(_)) => return false,
+                    Err(_) => {}
+                },
+                _ = shutdown.changed() => return false,
+            }
+        }
+        self.buf = BytesMut::new();
+        self.out = Vec::new();
+        let mut first = [0u8; 1];
+        tokio::select! {
+            r = tokio::time::timeout_at(until, self.io.read(&mut first)) => match r {
+                Ok(Ok(1)) => {
+                    self.buf.reserve(CLIENT_BUFFER);
+                    self.buf.extend_from_slice(&first);
+                    true
+                }
+                _ => false,
+            },
+            _ = shutdown.changed() => false,
         }
     }
 
@@ -184,11 +177,17 @@ impl Connection {
             HeadError::TooLarge => (
                 431,
                 "headers_too_large",
-                format!("request headers exceed {max_head} bytes"),
+                format!("request headers exceed {max_head} bytes or the header-count limit"),
             ),
             HeadError::Malformed(what) => {
                 (400, "bad_request", format!("malformed request: {what}"))
             }
+            HeadError::NotImplemented(what) => (501, "not_implemented", what.to_string()),
+            HeadError::TimedOut => (
+                408,
+                "request_timeout",
+                "the request head did not arrive in time".to_string(),
+            ),
         };
         exchange::refuse_unparsed(self, status, kind, &message).await;
     }
@@ -211,5 +210,15 @@ impl Connection {
             }
         };
         let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+/// The head limits of the configuration in effect.
+fn head_limits(config: &Config) -> RequestLimits {
+    let l = &config.limits;
+    RequestLimits {
+        max_bytes: l.max_header_bytes,
+        max_headers: l.max_headers,
+        underscores: l.underscores_in_headers,
     }
 }

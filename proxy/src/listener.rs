@@ -1,0 +1,157 @@
+//! The public listeners' application: it caps the client connections open
+//! at once and hands each connection to the engine its ALPN protocol asks
+//! for (h2 to Pingora's proxy, HTTP/1.x to [`crate::h1`]).
+//!
+//! A connection over `limits.max_connections` is closed as soon as it is
+//! accepted, before any TLS work. TLS connections are counted from accept
+//! to close, handshake included: a tracer attached before the handshake
+//! uncounts them when Pingora drops the socket, also after a failed or
+//! timed-out handshake, which never reaches this application.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::listeners::{ConnectionFilter, PreTlsProcess};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::{Tracer, Tracing};
+use prometheus::IntCounter;
+
+use crate::proxy::Switchyard;
+use crate::shared::Shared;
+
+/// Client connections open right now, over both public listeners.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Client connections open right now (for the metrics).
+pub fn open_connections() -> usize {
+    OPEN.load(Relaxed)
+}
+
+/// The application of the public listeners.
+pub struct Frontend {
+    h2: Arc<HttpProxy<Switchyard>>,
+    pub(crate) shared: Arc<Shared>,
+    /// `requests_total{pool="none",backend="none"}`: answered before routing.
+    pub(crate) unrouted: [IntCounter; 6],
+}
+
+impl Frontend {
+    pub fn new(h2: HttpProxy<Switchyard>, shared: Arc<Shared>) -> Self {
+        let unrouted = shared.metrics.requests_by_class("none", "none");
+        Self {
+            h2: Arc::new(h2),
+            shared,
+            unrouted,
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Frontend {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A plain connection has no handshake, so it was counted at accept
+        // and reaches here at once; TLS ones carry their own counter.
+        let _counted = stream.get_ssl_digest().is_none().then(|| Counted);
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.h2.process_new(stream, shutdown).await;
+        }
+        crate::h1::serve(self.clone(), stream, shutdown.clone()).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.h2.cleanup().await;
+    }
+}
+
+/// Admits a connection at accept time, or closes it there when
+/// `limits.max_connections` are open already.
+pub struct Gate {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
+}
+
+impl Gate {
+    pub fn new(shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Self { shared })
+    }
+}
+
+#[async_trait]
+impl ConnectionFilter for Gate {
+    async fn should_accept(&self, _addr: Option<&std::net::SocketAddr>) -> bool {
+        let max = self.shared.active().config.limits.max_connections;
+        if OPEN.fetch_add(1, Relaxed) < max {
+            return true;
+        }
+        OPEN.fetch_sub(1, Relaxed);
+        self.shared.metrics.connections_refused.inc();
+        false
+    }
+}
+
+/// One admitted connection; uncounted when dropped.
+#[derive(Debug)]
+struct Counted;
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Attaches the count to a TLS connection's socket before its handshake,
+/// so that it ends with the socket whatever becomes of the handshake.
+#[derive(Debug)]
+pub struct CountTls;
+
+#[async_trait]
+impl PreTlsProcess for CountTls {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        stream.tracer = Some(Tracer(Box::new(TlsCount)));
+        Ok(())
+    }
+}
+
+/// Pingora calls `on_disconnected` when it drops the socket.
+#[derive(Debug)]
+struct TlsCount;
+
+impl Tracing for TlsCount {
+    fn on_connected(&self) {}
+
+    fn on_disconnected(&self) {
+        OPEN.fetch_sub(1, Relaxed);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        // Pingora clones tracers only for upstream peers; a clone must not
+        // uncount the connection a second time.
+        Box::new(Untraced)
+    }
+}
+
+#[derive(Debug)]
+struct Untraced;
+
+impl Tracing for Untraced {
+    fn on_connected(&self) {}
+    fn on_disconnected(&self) {}
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        Box::new(Untraced)
+    }
+}
