@@ -501,6 +501,11 @@ fn absolute_parts(target: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&rest[..end], &rest[end..]))
 }
 
+/// RFC 9112 §3.2: origin-form, or asterisk-form for OPTIONS only.
+fn origin_or_asterisk(method: &str, target: &[u8]) -> bool {
+    target.first() == Some(&b'/') || (target == b"*" && method == "OPTIONS")
+}
+
 /// Parses a request head at the start of `buf`: `Ok(None)` until it is
 /// complete. On success the head's bytes are split off `buf`.
 pub fn parse_request(
@@ -525,7 +530,12 @@ pub fn parse_request(
             ))
         }
         Some((authority, rest)) => (Some(span(buf, authority)), span(buf, rest)),
-        None => (None, span(buf, target)),
+        None if origin_or_asterisk(req.method.unwrap_or_default(), target) => {
+            (None, span(buf, target))
+        }
+        // Authority-form (CONNECT) and bare words: nothing here tunnels,
+        // and nginx and HAProxy both answer 400.
+        None => return Err(HeadError::Malformed("request target is not a path")),
     };
     let http10 = req.version == Some(0);
     let mut headers = header_spans(buf, req.headers);
@@ -661,6 +671,21 @@ mod tests {
             .unwrap();
         assert_eq!(bare.origin_form(), (&b"/"[..], &b"?q"[..]));
         assert_eq!(bare.host(), Some("b.example"));
+    }
+
+    #[test]
+    fn targets_must_be_paths_or_absolute_or_options_asterisk() {
+        for bad in ["GET nowhere", "CONNECT a.example:443", "GET *"] {
+            let head = format!("{bad} HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(
+                matches!(request(&head), Err(HeadError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        let star = request("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(star.origin_form().0, b"*");
     }
 
     #[test]

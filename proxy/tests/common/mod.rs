@@ -4,6 +4,7 @@
 //! so a failing assertion cannot leave processes behind.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod raw;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Write};
