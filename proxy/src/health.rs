@@ -18,42 +18,14 @@ use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::config::HealthSection;
-use crate::routing::{clock, Backend};
+use crate::routing::{clock, Backend, Progress, Report};
 use crate::shared::Shared;
 
 /// Reports larger than this are cut off (and then fail to parse).
 const MAX_REPORT_BYTES: usize = 64 * 1024;
-
-/// The readiness report (see the backend contract). Unknown fields are
-/// accepted: the contract may grow optional fields.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-pub struct Report {
-    pub status: Option<String>,
-    pub ready: Option<bool>,
-    pub version: Option<String>,
-    pub model: Option<String>,
-    pub queue_depth: Option<u32>,
-    pub queue_capacity: Option<u32>,
-    pub in_flight: Option<u32>,
-    pub cache_hit_rate: Option<f64>,
-    pub cache: Option<String>,
-    pub uptime_s: Option<f64>,
-}
-
-/// Per-backend check bookkeeping, owned by the checker.
-#[derive(Debug, Default)]
-pub struct Progress {
-    passes: u32,
-    failures: u32,
-    /// The latest report received, with the clock time it arrived.
-    pub last_report: Option<(Report, u64)>,
-    /// Why the latest check did not pass, if it did not.
-    pub last_error: Option<String>,
-}
 
 /// What one check found.
 #[derive(Debug)]

@@ -8,10 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::PassiveSection;
 use crate::h1::upstream::Idle;
-use crate::health::Progress;
 use crate::metrics::BackendMetrics;
 
-use super::clock;
+use super::{clock, Progress};
 
 /// Passes its active checks (rise/fall).
 const HEALTHY: u8 = 1;

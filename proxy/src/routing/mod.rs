@@ -1,8 +1,10 @@
 //! Where a request goes: route matching, the split between pools, and the
-//! weighted least-connections choice inside a pool.
+//! weighted least-connections choice inside a pool, from each backend's
+//! readiness report.
 
 mod backend;
 mod pool;
+mod readiness;
 mod router;
 
 use std::collections::{BTreeSet, HashMap};
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 pub use backend::{Backend, Lease};
 pub use pool::{Member, Pool};
+pub use readiness::{Progress, Report};
 pub use router::{
     bucket_of, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split, SplitEntry,
     StickyKey, BUCKETS,
