@@ -22,6 +22,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use prometheus::IntCounter;
 
+use crate::config::Underscores;
 use crate::request::{self, Attempts, Finished, Refusal};
 use crate::routing::{Lease, Pool};
 use crate::shared::{Active, Shared};
@@ -105,10 +106,19 @@ impl ProxyHttp for Switchyard {
         ctx.request_id = request::request_id(given.map(|v| v.as_bytes()));
         let active = self.shared.active();
         let limits = &active.config.limits;
+        // Pingora sets no write timeout on h2 streams: a client that never
+        // opens its flow-control window would hold each stream (and its
+        // response) forever. Same per-write wait as the h1 engine's.
+        session.set_write_timeout(Some(active.config.timeouts.read));
         if head_size(session.req_header()) > limits.max_header_bytes {
             let msg = format!("request headers exceed {} bytes", limits.max_header_bytes);
             session.set_keepalive(None);
             respond(session, ctx, 431, "headers_too_large", &msg).await?;
+            return Ok(true);
+        }
+        if !police_underscores(session.req_header_mut(), limits.underscores_in_headers) {
+            let msg = "malformed request: underscore in a header name";
+            respond(session, ctx, 400, "bad_request", msg).await?;
             return Ok(true);
         }
         if content_length(session.req_header()).is_some_and(|n| n > limits.max_body_bytes) {
@@ -442,6 +452,29 @@ fn head_size(req: &RequestHeader) -> usize {
     req.headers
         .iter()
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// Applies `limits.underscores_in_headers` as the h1 engine does
+/// (`h1::head`): some backends fold `x_foo` into `x-foo`, so an underscored
+/// name could smuggle a header past the proxy. False: refuse the request.
+fn police_underscores(req: &mut RequestHeader, policy: Underscores) -> bool {
+    let underscored = |name: &HeaderName| name.as_str().contains('_');
+    if policy == Underscores::Forward || !req.headers.keys().any(underscored) {
+        return true;
+    }
+    if policy == Underscores::Refuse {
+        return false;
+    }
+    let names: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| underscored(n))
+        .cloned()
+        .collect();
+    for name in &names {
+        req.remove_header(name);
+    }
+    true
 }
 
 fn content_length(req: &RequestHeader) -> Option<u64> {

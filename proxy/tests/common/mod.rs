@@ -313,6 +313,11 @@ impl Proxy {
         read_log(self.dir.path())
     }
 
+    /// The running instance's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("switchyard.toml")
     }

@@ -130,6 +130,7 @@ async fn serve(State(c): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -
         "x-forwarded-for": header("x-forwarded-for"),
         "x-forwarded-proto": header("x-forwarded-proto"),
         "x-request-id": header("x-request-id"),
+        "header_names": headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
     });
     (StatusCode::OK, instance, Json(echo)).into_response()
 }
