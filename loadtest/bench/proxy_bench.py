@@ -106,16 +106,20 @@ class Proc:
                 pass
         return total / CLK_TCK
 
-    def peak_rss_mib(self):
+    def status_mib(self, field):
+        """A /proc/PID/status memory field (VmHWM, VmRSS), summed over pids()."""
         total = 0
         for pid in self.pids():
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1])
             except OSError:
                 pass
         return total / 1024
+
+    def peak_rss_mib(self):
+        return self.status_mib("VmHWM")
 
     def stop(self):
         if self.popen.poll() is None:
@@ -291,12 +295,18 @@ def fixed_rate(ports, upstream_port, best_rps, args):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__,
+def bench_parser(doc):
+    """The options every bench script takes: the proxy binary and its TLS cert."""
+    p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--switchyard", default=str(ROOT / "target/release/switchyard"))
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
+    return p
+
+
+def main():
+    p = bench_parser(__doc__)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--duration", type=int, default=10, help="seconds per run")
     p.add_argument("--rounds", type=int, default=3)
