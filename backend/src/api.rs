@@ -461,9 +461,14 @@ fn check_dimensions(dimensions: Option<Value>, native: usize) -> Result<(), ApiE
             StatusCode::BAD_REQUEST,
             ErrorKind::InvalidRequest,
             format!(
-                "dimensions {other} is not supported: this model gives {native}-dimensional \
-                 embeddings and was not trained for shortened ones (Matryoshka); omit \
-                 dimensions or send {native}"
+                "dimensions must be omitted or {native}, not {}: this model gives \
+                 {native}-dimensional embeddings and was not trained for shortened ones \
+                 (Matryoshka)",
+                // Numbers are echoed; anything else could be large.
+                match other {
+                    Value::Number(n) => n.to_string(),
+                    _ => "a non-number".to_owned(),
+                }
             ),
         )
         .param("dimensions")
