@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::map_response_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::batcher::Class;
 use crate::cache;
 use crate::health;
 use crate::model::Tokens;
@@ -24,6 +25,7 @@ use crate::state::AppState;
 
 pub const INSTANCE_HEADER: &str = "x-switchyard-instance";
 pub const VERSION_HEADER: &str = "x-switchyard-version";
+pub const PRIORITY_HEADER: &str = "x-switchyard-priority";
 
 /// Requests with at most this much text are tokenised on the async worker.
 const INLINE_TOKENIZE_BYTES: usize = 2048;
@@ -32,15 +34,17 @@ const INLINE_TOKENIZE_BYTES: usize = 2048;
 const RETRY_AFTER_SECS: &str = "1";
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let identity = Arc::new(Identity {
+    let stamp = Arc::new(Stamp {
         instance: header_value(&state.instance),
         version: header_value(&state.config.version_label),
+        state: state.clone(),
     });
     Router::new()
         .route(
             "/v1/embeddings",
             post(embeddings).fallback(method_not_allowed),
         )
+        .route("/v1/models", get(models).fallback(method_not_allowed))
         .route(
             "/health/ready",
             get(health::ready).fallback(method_not_allowed),
@@ -52,13 +56,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics).fallback(method_not_allowed))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body))
-        .layer(map_response_with_state(identity, stamp_identity))
+        .layer(map_response_with_state(stamp, stamp_response))
         .with_state(state)
 }
 
-struct Identity {
+struct Stamp {
     instance: HeaderValue,
     version: HeaderValue,
+    state: Arc<AppState>,
 }
 
 fn header_value(s: &str) -> HeaderValue {
@@ -66,27 +71,54 @@ fn header_value(s: &str) -> HeaderValue {
 }
 
 /// Every response, errors included, says which backend and deployment
-/// answered, so blue/green/canary routing is visible to clients.
-async fn stamp_identity(State(identity): State<Arc<Identity>>, mut response: Response) -> Response {
+/// answered, so blue/green/canary routing is visible to clients, and
+/// carries the backend's load as it leaves, so a proxy can route on every
+/// answer rather than wait for its next readiness poll.
+async fn stamp_response(State(stamp): State<Arc<Stamp>>, mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
         HeaderName::from_static(INSTANCE_HEADER),
-        identity.instance.clone(),
+        stamp.instance.clone(),
     );
     headers.insert(
         HeaderName::from_static(VERSION_HEADER),
-        identity.version.clone(),
+        stamp.version.clone(),
+    );
+    headers.insert(
+        HeaderName::from_static(health::LOAD_HEADER),
+        health::load_header(&stamp.state),
     );
     response
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.queue_depth.set(state.batcher.depth() as i64);
+    for class in Class::ALL {
+        state
+            .metrics
+            .class_queue_depth
+            .with_label_values(&[class.name()])
+            .set(state.batcher.class_depth(class) as i64);
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// The OpenAI model list: the one model this server serves, known from
+/// the start (it answers while the model is still loading).
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": state.config.effective_model_name(),
+            "object": "model",
+            "created": state.started_unix,
+            "owned_by": "switchyard",
+        }],
+    }))
 }
 
 async fn not_found() -> ApiError {
@@ -181,6 +213,19 @@ struct EmbeddingsRequest {
     #[serde(rename = "model")]
     _model: Option<String>,
     encoding_format: Option<String>,
+    /// Any JSON, so that every unsupported value gets the same 400 naming
+    /// the parameter.
+    dimensions: Option<Value>,
+    truncate: Option<bool>,
+}
+
+/// A request that passed the checks which need no model.
+struct Parsed {
+    texts: Vec<String>,
+    base64: bool,
+    truncate: bool,
+    dimensions: Option<Value>,
+    class: Class,
 }
 
 #[derive(Serialize)]
@@ -231,11 +276,12 @@ impl Drop for InFlight<'_> {
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
     let _in_flight = InFlight::enter(&state.metrics.in_flight);
-    let response = match serve_embeddings(&state, body).await {
+    let response = match serve_embeddings(&state, &headers, body).await {
         Ok(response) => Json(response).into_response(),
         Err(error) => error.into_response(),
     };
@@ -257,16 +303,26 @@ async fn embeddings(
 
 async fn serve_embeddings(
     state: &AppState,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<EmbeddingsResponse, ApiError> {
-    let reject = |reason: &str, error: ApiError| {
+    let reject = |error: ApiError| {
+        let reason = error.code.unwrap_or("invalid");
         state.metrics.rejected.with_label_values(&[reason]).inc();
         error
     };
-    let (texts, base64) = parse_request(state, body).map_err(|e| {
-        let reason = e.code.unwrap_or("invalid");
-        reject(reason, e)
-    })?;
+    let Parsed {
+        texts,
+        base64,
+        truncate,
+        dimensions,
+        class,
+    } = parse_request(state, headers, body).map_err(reject)?;
+    state
+        .metrics
+        .class_requests
+        .with_label_values(&[class.name()])
+        .inc();
 
     let Some(loaded) = state.loaded.get() else {
         let error = ApiError::new(
@@ -275,8 +331,9 @@ async fn serve_embeddings(
             "the model is still loading; retry shortly",
         )
         .code("warming_up");
-        return Err(reject("warming_up", error));
+        return Err(reject(error));
     };
+    check_dimensions(dimensions, loaded.info.dimensions).map_err(reject)?;
 
     inject_faults(state).await?;
     let arrival = state.batcher.arrival();
@@ -290,7 +347,7 @@ async fn serve_embeddings(
     let prepare = move || {
         let tokens = texts
             .iter()
-            .map(|t| tokenizer.encode(t))
+            .map(|t| tokenizer.encode(t, truncate))
             .collect::<anyhow::Result<Vec<Tokens>>>();
         let keys: Vec<String> = match &fingerprint {
             Some(fp) => texts.iter().map(|t| cache::key(fp, t)).collect(),
@@ -309,6 +366,9 @@ async fn serve_embeddings(
             .map_err(|e| server_error(format!("tokenizer task failed: {e}")))?
     };
     let tokens = tokens.map_err(|e| server_error(format!("tokenizing failed: {e}")))?;
+    if !truncate {
+        check_lengths(&tokens, loaded.info.max_seq_length).map_err(reject)?;
+    }
     let prompt_tokens = tokens.iter().map(|t| t.ids.len()).sum();
 
     let mut vectors = if keys.is_empty() {
@@ -326,14 +386,15 @@ async fn serve_embeddings(
             .zip(&vectors)
             .filter_map(|(tokens, cached)| cached.is_none().then_some(tokens))
             .collect();
-        let replies = state.batcher.submit(arrival, inputs).map_err(|_| {
-            let error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorKind::Overloaded,
-                "the inference queue is full; retry shortly or on another backend",
+        let replies = state.batcher.submit(arrival, class, inputs).map_err(|_| {
+            reject(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorKind::Overloaded,
+                    "the inference queue is full; retry shortly or on another backend",
+                )
+                .code("queue_full"),
             )
-            .code("queue_full");
-            reject("queue_full", error)
         })?;
         for (&i, reply) in missing.iter().zip(replies) {
             let vector = reply
@@ -389,11 +450,72 @@ fn server_error(message: String) -> ApiError {
     )
 }
 
-/// Returns the input texts and whether base64 output was asked for.
+/// `dimensions` may only restate the model's own size: MiniLM was not
+/// trained to keep its meaning in a prefix of the vector (Matryoshka), so
+/// cutting it would silently give poor embeddings.
+fn check_dimensions(dimensions: Option<Value>, native: usize) -> Result<(), ApiError> {
+    match dimensions {
+        None => Ok(()),
+        Some(Value::Number(n)) if n.as_u64() == Some(native as u64) => Ok(()),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::InvalidRequest,
+            format!(
+                "dimensions must be omitted or {native}, not {}: this model gives \
+                 {native}-dimensional embeddings and was not trained for shortened ones \
+                 (Matryoshka)",
+                // Numbers are echoed; anything else could be large.
+                match other {
+                    Value::Number(n) => n.to_string(),
+                    _ => "a non-number".to_owned(),
+                }
+            ),
+        )
+        .param("dimensions")
+        .code("unsupported_dimensions")),
+    }
+}
+
+/// With truncation off, the first input over the model's limit fails the
+/// request (413, as TEI answers it), naming its index and length.
+fn check_lengths(tokens: &[Tokens], max: usize) -> Result<(), ApiError> {
+    match tokens.iter().position(|t| t.ids.len() > max) {
+        None => Ok(()),
+        Some(i) => Err(ApiError::invalid(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "input[{i}] is {} tokens long, more than this model's maximum of {max}; \
+                 shorten it or send \"truncate\": true",
+                tokens[i].ids.len()
+            ),
+        )
+        .code("input_too_long")),
+    }
+}
+
+fn parse_priority(headers: &HeaderMap) -> Result<Class, ApiError> {
+    let Some(value) = headers.get(PRIORITY_HEADER) else {
+        return Ok(Class::Interactive);
+    };
+    value.to_str().ok().and_then(Class::parse).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::InvalidRequest,
+            format!(
+                "the {PRIORITY_HEADER} header must be \"interactive\" or \"bulk\", not {:?}",
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+        )
+        .param(PRIORITY_HEADER)
+    })
+}
+
 fn parse_request(
     state: &AppState,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(Vec<String>, bool), ApiError> {
+) -> Result<Parsed, ApiError> {
+    let class = parse_priority(headers)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -491,7 +613,13 @@ fn parse_request(
         )
         .code("too_many_inputs"));
     }
-    Ok((texts, base64))
+    Ok(Parsed {
+        texts,
+        base64,
+        truncate: request.truncate.unwrap_or(true),
+        dimensions: request.dimensions,
+        class,
+    })
 }
 
 /// Test and demo faults; both are off unless configured.

@@ -1,11 +1,18 @@
 //! The bounded queue in front of the model and the OS thread that drains it in
 //! batches. The forward pass is CPU-bound for milliseconds at a time, so it
 //! must never run on a tokio worker.
+//!
+//! The queue has two lanes, interactive and bulk. Inputs are served in order
+//! of arrival, except that a bulk input counts as having arrived
+//! `bulk_promote_after` later than it did: interactive work overtakes bulk
+//! work that is younger than that, and bulk work older than that is served
+//! like interactive work of the same age, so it cannot starve.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -20,8 +27,31 @@ pub struct BatcherConfig {
     pub capacity: usize,
     pub max_batch: usize,
     pub max_wait: Duration,
+    pub bulk_promote_after: Duration,
     /// 0 leaves the pool size to rayon.
     pub threads: usize,
+}
+
+/// A request's priority, from the x-switchyard-priority header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Interactive,
+    Bulk,
+}
+
+impl Class {
+    pub const ALL: [Class; 2] = [Class::Interactive, Class::Bulk];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Interactive => "interactive",
+            Class::Bulk => "bulk",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Class> {
+        Class::ALL.into_iter().find(|class| class.name() == name)
+    }
 }
 
 /// Handed back by the inference thread once the model is loaded and warm.
@@ -43,15 +73,75 @@ pub struct QueueFull;
 
 struct Item {
     tokens: Tokens,
+    class: Class,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Embedding, Arc<str>>>,
+}
+
+#[derive(Default)]
+struct Lanes {
+    /// Indexed by `Class`, each in arrival order.
+    lanes: [VecDeque<Item>; 2],
+    /// Set once the batcher is dropped: the worker stops when the lanes are
+    /// empty.
+    closed: bool,
+}
+
+impl Lanes {
+    fn lane(&mut self, class: Class) -> &mut VecDeque<Item> {
+        &mut self.lanes[class as usize]
+    }
+
+    fn len(&self) -> usize {
+        self.lanes.iter().map(VecDeque::len).sum()
+    }
+
+    /// The next input to serve, and whether it is a bulk input served ahead
+    /// of waiting interactive ones. Each lane is in arrival order, so
+    /// comparing the two fronts is enough.
+    fn pop(&mut self, promote_after: Duration) -> Option<(Item, bool)> {
+        let [interactive, bulk] = &mut self.lanes;
+        let bulk_first = match (interactive.front(), bulk.front()) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(i), Some(b)) => b.enqueued + promote_after <= i.enqueued,
+        };
+        if bulk_first {
+            let promoted = !interactive.is_empty();
+            bulk.pop_front().map(|item| (item, promoted))
+        } else {
+            interactive.pop_front().map(|item| (item, false))
+        }
+    }
+}
+
+/// The lanes plus lock-free copies of their lengths for readiness, metrics
+/// and load headers, which must not contend with the worker.
+#[derive(Default)]
+struct Queue {
+    lanes: Mutex<Lanes>,
+    wake: Condvar,
+    depth: [AtomicUsize; 2],
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Lanes> {
+        // Nothing panics while holding the lock, and the lanes stay
+        // consistent even if something did.
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish_depth(&self, lanes: &Lanes) {
+        for (depth, lane) in self.depth.iter().zip(&lanes.lanes) {
+            depth.store(lane.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Submitting side of the queue. Dropping it stops the inference thread once
 /// the queue is empty.
 pub struct Batcher {
-    tx: mpsc::Sender<Item>,
-    depth: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
     arriving: Arc<AtomicUsize>,
     capacity: usize,
 }
@@ -75,13 +165,11 @@ impl Batcher {
         config: BatcherConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, oneshot::Receiver<Result<Loaded>>)> {
-        let (tx, rx) = mpsc::channel();
         let (loaded_tx, loaded_rx) = oneshot::channel();
-        let depth = Arc::new(AtomicUsize::new(0));
+        let queue = Arc::new(Queue::default());
         let arriving = Arc::new(AtomicUsize::new(0));
         let batcher = Batcher {
-            tx,
-            depth: depth.clone(),
+            queue: queue.clone(),
             arriving: arriving.clone(),
             capacity: config.capacity,
         };
@@ -110,14 +198,14 @@ impl Batcher {
                     return;
                 }
                 let worker = Worker {
-                    rx,
-                    depth,
+                    queue,
                     arriving,
                     pool,
                     encoder,
                     metrics,
                     max_batch: config.max_batch,
                     max_wait: config.max_wait,
+                    bulk_promote_after: config.bulk_promote_after,
                 };
                 worker.run();
             })
@@ -127,7 +215,12 @@ impl Batcher {
 
     /// Inputs waiting for a batch slot.
     pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        Class::ALL.into_iter().map(|c| self.class_depth(c)).sum()
+    }
+
+    /// Inputs of one class waiting for a batch slot.
+    pub fn class_depth(&self, class: Class) -> usize {
+        self.queue.depth[class as usize].load(Ordering::Relaxed)
     }
 
     pub fn capacity(&self) -> usize {
@@ -142,30 +235,43 @@ impl Batcher {
     /// Queues every input of one request, or none of them: a request is
     /// refused whole rather than half-served. The arrival ends only after
     /// the last input is in the queue.
-    pub fn submit(&self, arrival: Arrival, inputs: Vec<Tokens>) -> Result<Vec<Reply>, QueueFull> {
-        let n = inputs.len();
-        self.depth
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
-                (d + n <= self.capacity).then_some(d + n)
-            })
-            .map_err(|_| QueueFull)?;
+    pub fn submit(
+        &self,
+        arrival: Arrival,
+        class: Class,
+        inputs: Vec<Tokens>,
+    ) -> Result<Vec<Reply>, QueueFull> {
+        let mut lanes = self.queue.lock();
+        if lanes.len() + inputs.len() > self.capacity {
+            return Err(QueueFull);
+        }
         let now = Instant::now();
+        let lane = lanes.lane(class);
         let replies = inputs
             .into_iter()
             .map(|tokens| {
                 let (reply, rx) = oneshot::channel();
-                // A send only fails when the inference thread is gone; the
-                // dropped reply then surfaces as an error to the caller.
-                let _ = self.tx.send(Item {
+                lane.push_back(Item {
                     tokens,
+                    class,
                     enqueued: now,
                     reply,
                 });
                 rx
             })
             .collect();
+        self.queue.publish_depth(&lanes);
+        drop(lanes);
+        self.queue.wake.notify_one();
         drop(arrival);
         Ok(replies)
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_one();
     }
 }
 
@@ -178,23 +284,24 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 fn warm_up(pool: &rayon::ThreadPool, model: &Model) -> Result<()> {
-    let short = model.tokenizer.encode("warm up")?;
-    let long = model
-        .tokenizer
-        .encode(&"the quick brown fox jumps over the lazy dog ".repeat(8))?;
+    let short = model.tokenizer.encode("warm up", true)?;
+    let long = model.tokenizer.encode(
+        &"the quick brown fox jumps over the lazy dog ".repeat(8),
+        true,
+    )?;
     pool.install(|| model.encoder.embed(&[&short, &long]))?;
     Ok(())
 }
 
 struct Worker {
-    rx: mpsc::Receiver<Item>,
-    depth: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
     arriving: Arc<AtomicUsize>,
     pool: rayon::ThreadPool,
     encoder: Encoder,
     metrics: Arc<Metrics>,
     max_batch: usize,
     max_wait: Duration,
+    bulk_promote_after: Duration,
 }
 
 impl Worker {
@@ -206,45 +313,55 @@ impl Worker {
 
     /// Blocks for the first item, then gathers more until the batch is full,
     /// `max_wait` has passed since the first one arrived, or no request is on
-    /// its way. Returns None once every submitter is gone and the queue is
-    /// empty.
+    /// its way. Returns None once the batcher is gone and the queue is empty.
     fn next_batch(&self) -> Option<Vec<Item>> {
-        let first = self.rx.recv().ok()?;
+        let mut lanes = self.queue.lock();
+        let first = loop {
+            if let Some(item) = self.pop(&mut lanes) {
+                break item;
+            }
+            if lanes.closed {
+                return None;
+            }
+            lanes = self
+                .queue
+                .wake
+                .wait(lanes)
+                .unwrap_or_else(|e| e.into_inner());
+        };
         let deadline = Instant::now() + self.max_wait;
         let mut batch = vec![first];
         while batch.len() < self.max_batch {
-            let item = match self.rx.try_recv() {
-                Ok(item) => item,
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    if self.arriving.load(Ordering::Acquire) == 0 {
-                        // Inputs queued just before the count dropped still
-                        // make this batch.
-                        match self.rx.try_recv() {
-                            Ok(item) => {
-                                batch.push(item);
-                                continue;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    // Short naps, so a request that turns out to need no
-                    // inference (all cache hits) does not hold the batch.
-                    match self.rx.recv_timeout(left.min(ARRIVAL_POLL)) {
-                        Ok(item) => item,
-                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-            };
-            batch.push(item);
+            if let Some(item) = self.pop(&mut lanes) {
+                batch.push(item);
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Submitters queue under the lock and only then stop counting as
+            // arriving, so with the lanes empty and nobody arriving, waiting
+            // could only add latency.
+            if left.is_zero() || lanes.closed || self.arriving.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            // Short naps, so a request that turns out to need no inference
+            // (all cache hits) does not hold the batch.
+            lanes = self
+                .queue
+                .wake
+                .wait_timeout(lanes, left.min(ARRIVAL_POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        self.depth.fetch_sub(batch.len(), Ordering::AcqRel);
+        self.queue.publish_depth(&lanes);
         Some(batch)
+    }
+
+    fn pop(&self, lanes: &mut Lanes) -> Option<Item> {
+        let (item, promoted) = lanes.pop(self.bulk_promote_after)?;
+        if promoted {
+            self.metrics.bulk_promoted.inc();
+        }
+        Some(item)
     }
 
     fn process(&self, batch: Vec<Item>) {
@@ -252,6 +369,7 @@ impl Worker {
         for item in &batch {
             self.metrics
                 .queue_wait
+                .with_label_values(&[item.class.name()])
                 .observe((started - item.enqueued).as_secs_f64());
         }
         self.metrics.batch_size.observe(batch.len() as f64);

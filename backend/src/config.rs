@@ -77,6 +77,14 @@ pub struct Config {
     #[arg(long, env = "SWITCHYARD_BACKEND_MAX_WAIT", default_value = "2ms", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
 
+    /// How long bulk work yields to interactive work (requests sent with
+    /// `x-switchyard-priority: bulk`). A bulk input is served as if it had
+    /// arrived this much later, so interactive inputs overtake it only while
+    /// it is younger than this; an older one is served like interactive work
+    /// of its age, so a stream of interactive requests cannot starve it.
+    #[arg(long, env = "SWITCHYARD_BACKEND_BULK_PROMOTE_AFTER", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub bulk_promote_after: Duration,
+
     /// Most inputs in one request; more gets 400. Must not exceed
     /// --queue-capacity.
     #[arg(long, env = "SWITCHYARD_BACKEND_MAX_INPUTS", default_value_t = 256)]

@@ -75,6 +75,7 @@ impl Server {
                 capacity: config.queue_capacity,
                 max_batch: config.max_batch,
                 max_wait: config.max_wait,
+                bulk_promote_after: config.bulk_promote_after,
                 threads: config.threads,
             },
             metrics.clone(),

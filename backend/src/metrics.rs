@@ -2,8 +2,8 @@
 //! run in one test process without their counters mixing.
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const PREFIX: &str = "switchyard_embed";
@@ -19,10 +19,14 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: Histogram,
-    pub queue_wait: Histogram,
+    /// By priority class.
+    pub queue_wait: HistogramVec,
     pub inference_duration: Histogram,
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
+    pub class_queue_depth: IntGaugeVec,
+    pub class_requests: IntCounterVec,
+    pub bulk_promoted: IntCounter,
     pub queue_capacity: IntGauge,
     pub in_flight: IntGauge,
     pub ready: IntGauge,
@@ -36,13 +40,25 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let opts = |name: &str, help: &str| Opts::new(format!("{PREFIX}_{name}"), help);
+        let histogram_opts = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::new(format!("{PREFIX}_{name}"), help).buckets(buckets.to_vec())
+        };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(format!("{PREFIX}_{name}"), help).buckets(buckets.to_vec()),
-            )
-            .expect("valid histogram");
+            let h =
+                Histogram::with_opts(histogram_opts(name, help, buckets)).expect("valid histogram");
             registry.register(Box::new(h.clone())).expect("unique");
             h
+        };
+        let histogram_vec = |name: &str, help: &str, buckets: &[f64], label: &str| {
+            let h = HistogramVec::new(histogram_opts(name, help, buckets), &[label])
+                .expect("valid histogram");
+            registry.register(Box::new(h.clone())).expect("unique");
+            h
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(opts(name, help), &[label]).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::with_opts(opts(name, help)).expect("valid gauge");
@@ -71,10 +87,11 @@ impl Metrics {
                 "Time from receiving an embedding request to sending its response.",
                 LATENCY_BUCKETS,
             ),
-            queue_wait: histogram(
+            queue_wait: histogram_vec(
                 "queue_wait_seconds",
-                "Time an input waited in the queue before its batch started.",
+                "Time an input waited in the queue before its batch started, by priority class.",
                 LATENCY_BUCKETS,
+                "class",
             ),
             inference_duration: histogram(
                 "inference_duration_seconds",
@@ -83,6 +100,21 @@ impl Metrics {
             ),
             batch_size: histogram("batch_size", "Inputs per inference batch.", BATCH_BUCKETS),
             queue_depth: gauge("queue_depth", "Inputs waiting for a batch slot."),
+            class_queue_depth: gauge_vec(
+                "class_queue_depth",
+                "Inputs waiting for a batch slot, by priority class.",
+                "class",
+            ),
+            class_requests: counter_vec(
+                "class_requests_total",
+                "Valid embedding requests received, by priority class (x-switchyard-priority).",
+                "class",
+            ),
+            bulk_promoted: counter(
+                "bulk_promoted_total",
+                "Bulk inputs served ahead of waiting interactive ones because they had waited \
+                 --bulk-promote-after longer.",
+            ),
             queue_capacity: gauge(
                 "queue_capacity",
                 "Inputs the queue holds before new work is refused with 503.",

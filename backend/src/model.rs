@@ -35,13 +35,23 @@ pub struct Tokens {
 /// Thread-safe and cheap to call from request handlers, so tokenisation never
 /// competes with the matmul thread pool.
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    truncating: Tokenizer,
+    /// The same without truncation, to tell a client how long an input it
+    /// asked not to have truncated really is. Tokenizing costs the same
+    /// either way: truncation only cuts the finished encoding.
+    whole: Tokenizer,
 }
 
 impl TextTokenizer {
-    pub fn encode(&self, text: &str) -> Result<Tokens> {
-        let encoding = self
-            .inner
+    /// With `truncate` false the result may be longer than the model's
+    /// `max_seq_length`; the caller must refuse it.
+    pub fn encode(&self, text: &str, truncate: bool) -> Result<Tokens> {
+        let tokenizer = if truncate {
+            &self.truncating
+        } else {
+            &self.whole
+        };
+        let encoding = tokenizer
             .encode_fast(text, true)
             .map_err(anyhow::Error::msg)?;
         Ok(Tokens {
@@ -167,8 +177,10 @@ impl Model {
         );
 
         let tokenizer_bytes = read("tokenizer.json")?;
-        let mut tokenizer = Tokenizer::from_bytes(&tokenizer_bytes).map_err(anyhow::Error::msg)?;
-        tokenizer.with_padding(None);
+        let mut whole = Tokenizer::from_bytes(&tokenizer_bytes).map_err(anyhow::Error::msg)?;
+        whole.with_padding(None);
+        whole.with_truncation(None).map_err(anyhow::Error::msg)?;
+        let mut tokenizer = whole.clone();
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_seq_length,
@@ -195,7 +207,10 @@ impl Model {
                 dimensions: config.hidden_size,
                 max_seq_length,
             },
-            tokenizer: TextTokenizer { inner: tokenizer },
+            tokenizer: TextTokenizer {
+                truncating: tokenizer,
+                whole,
+            },
             encoder: Encoder {
                 bert,
                 pad_id: u32::try_from(config.pad_token_id).context("pad_token_id")?,

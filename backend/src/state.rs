@@ -2,11 +2,11 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::batcher::{Batcher, Loaded};
+use crate::batcher::{Batcher, Class, Loaded};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -63,6 +63,8 @@ pub struct AppState {
     /// Set once the model is loaded and warm.
     pub loaded: OnceLock<Loaded>,
     pub started: Instant,
+    /// Seconds since the Unix epoch at start, the `created` of /v1/models.
+    pub started_unix: u64,
 }
 
 impl AppState {
@@ -74,6 +76,13 @@ impl AppState {
         batcher: Batcher,
     ) -> Self {
         metrics.queue_capacity.set(batcher.capacity() as i64);
+        // Both classes show in /metrics from the start, at zero.
+        for class in Class::ALL {
+            let class = [class.name()];
+            metrics.class_queue_depth.with_label_values(&class);
+            metrics.class_requests.with_label_values(&class);
+            metrics.queue_wait.with_label_values(&class);
+        }
         AppState {
             config,
             instance,
@@ -83,6 +92,9 @@ impl AppState {
             batcher,
             loaded: OnceLock::new(),
             started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
     }
 }

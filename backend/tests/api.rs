@@ -17,6 +17,7 @@ const REPORT_FIELDS: &[&str] = &[
     "model",
     "queue_depth",
     "queue_capacity",
+    "queue_depth_by_class",
     "in_flight",
     "cache_hit_rate",
     "cache",
@@ -589,7 +590,7 @@ async fn metrics_use_the_documented_names() {
         for name in [
             "switchyard_embed_requests_total{status=\"200\"} 1",
             "switchyard_embed_request_duration_seconds_count 2",
-            "switchyard_embed_queue_wait_seconds_count 2",
+            "switchyard_embed_queue_wait_seconds_count{class=\"interactive\"} 2",
             "switchyard_embed_inference_duration_seconds_count 1",
             "switchyard_embed_batch_size_sum 2",
             "switchyard_embed_queue_depth 0",
