@@ -12,6 +12,9 @@
 
 pub mod admin;
 pub mod config;
+/// Properties the fuzz targets and the corpus replay assert.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h1;
 pub mod health;
 pub mod listener;

@@ -35,14 +35,26 @@ impl ConfigError {
             file: file.to_path_buf(),
             key: key.to_string(),
             line,
-            message: e
-                .message()
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; "),
+            message: toml_message(e),
         }
+    }
+}
+
+/// The deserializer's message on one line. Some syntax errors (a control
+/// byte in a comment) come with no words at all; the line and key then
+/// still need a reason next to them.
+fn toml_message(e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if message.is_empty() {
+        "invalid TOML syntax".to_string()
+    } else {
+        message
     }
 }
 
@@ -103,3 +115,22 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    #[test]
+    fn a_wordless_syntax_error_still_gets_a_message() {
+        // Found by the config fuzz target: it had read "x.toml:2: a: ".
+        let errors = Config::parse(Path::new("x.toml"), "[a]\n# b\u{10}\n").unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        let e = &errors.0[0];
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (Some(2), "invalid TOML syntax")
+        );
+    }
+}
