@@ -16,12 +16,12 @@ use bytes::Bytes;
 
 use super::body::{self, BodyError, Relay, RelayError};
 use super::head::{self, Framing, Known, RequestHead, ResponseHead};
-use super::upstream::Conn;
 use super::Connection;
 use crate::config::{Config, TimeoutSection};
 use crate::request::{self, Attempts, Finished, Refusal};
 use crate::routing::{Backend, Lease, Pool};
 use crate::shared::Active;
+use crate::upstream::Conn;
 
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;

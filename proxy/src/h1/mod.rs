@@ -13,7 +13,6 @@
 pub mod body;
 mod exchange;
 pub mod head;
-pub mod upstream;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Re
 use std::sync::{Arc, Mutex};
 
 use crate::config::PassiveSection;
-use crate::h1::upstream::Idle;
 use crate::metrics::BackendMetrics;
+use crate::upstream::Idle;
 
 use super::{clock, Progress};
 
