@@ -22,7 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::admin::{Admin, Redirect};
 use crate::config::{Config, HttpMode, LimitSection, TimeoutSection};
 use crate::health::{self, Checker};
-use crate::listener::{CountTls, Frontend, Gate};
+use crate::listener::{CountTls, Frontend, Gate, PlainListener};
 use crate::proxy::Switchyard;
 use crate::reload::Reloader;
 use crate::shared::Shared;
@@ -170,14 +170,15 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
             .tls(tls)
             .l4_buffer(L4BufferSettings::unbuffered()),
     );
-    if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Serve) {
-        proxy.add_listener(
-            ListenerConfig::tcp(http.address.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
-        );
-    }
     proxy.set_connection_filter(Gate::new(shared.clone()));
     proxy.endpoints().set_pre_tls_callback(Arc::new(CountTls));
+    let threads = proxy.threads.unwrap_or(conf.threads);
     server.add_service(proxy);
+
+    if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Serve) {
+        let app = Arc::new(Frontend::plain(shared.clone()));
+        server.add_service(PlainListener::new(http.address.to_string(), app, threads));
+    }
 
     if let Some(http) = l.http.as_ref().filter(|h| h.mode == HttpMode::Redirect) {
         let redirect = Redirect {

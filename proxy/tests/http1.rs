@@ -275,6 +275,28 @@ async fn http10_request_gets_a_chunked_backend_response_unchunked() {
     http10_gets_the_body_then_a_close(&proxy, "/ten", b"hello, HTTP/1.0").await;
 }
 
+/// The plain listener has its own accept loop; its socket must still pass
+/// to the new instance on a graceful upgrade, as Pingora's listeners do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_hands_the_plain_listener_over() {
+    let backend = reached_backend().await;
+    let mut proxy = proxy_for(&backend, "").await;
+    let mut before = Client::connect(&proxy).await;
+    let resp = before.exchange("GET", request("GET", "/before", &[])).await;
+    assert_eq!(resp.head.status(), 200, "{resp:?}");
+
+    proxy.upgrade().await;
+    proxy.wait_retired(Duration::from_secs(20)).await;
+    let mut after = Client::connect(&proxy).await;
+    let resp = after.exchange("GET", request("GET", "/after", &[])).await;
+    assert_eq!(resp.head.status(), 200, "{resp:?}");
+    assert!(
+        !proxy.log().contains("cannot listen"),
+        "the new instance bound its own socket: {}",
+        proxy.log()
+    );
+}
+
 // ---------------------------------------------------------------------
 // Malformed requests
 

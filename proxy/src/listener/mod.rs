@@ -1,12 +1,18 @@
-//! The public listeners' application: it caps the client connections open
-//! at once and hands each connection to the engine its ALPN protocol asks
-//! for (h2 to Pingora's proxy, HTTP/1.x to [`crate::h1`]).
+//! The public listeners: the application behind them, which caps the
+//! client connections open at once and hands each connection to the
+//! engine its ALPN protocol asks for (h2 to Pingora's proxy, HTTP/1.x to
+//! [`crate::h1`]), and the plain-HTTP listener's own accept loop
+//! ([`plain`]).
 //!
 //! A connection over `limits.max_connections` is closed as soon as it is
 //! accepted, before any TLS work. TLS connections are counted from accept
 //! to close, handshake included: a tracer attached before the handshake
 //! uncounts them when Pingora drops the socket, also after a failed or
 //! timed-out handshake, which never reaches this application.
+
+mod plain;
+
+pub use plain::PlainListener;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -34,7 +40,8 @@ pub fn open_connections() -> usize {
 
 /// The application of the public listeners.
 pub struct Frontend {
-    h2: Arc<HttpProxy<Switchyard>>,
+    /// Pingora's h2 proxy; `None` behind the plain listener, which has no ALPN.
+    h2: Option<Arc<HttpProxy<Switchyard>>>,
     pub(crate) shared: Arc<Shared>,
     /// `requests_total{pool="none",backend="none"}`: answered before routing.
     pub(crate) unrouted: [IntCounter; 6],
@@ -42,13 +49,44 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn new(h2: HttpProxy<Switchyard>, shared: Arc<Shared>) -> Self {
+        Self::with(Some(Arc::new(h2)), shared)
+    }
+
+    /// The application behind the plain-HTTP listener: HTTP/1.x only.
+    pub fn plain(shared: Arc<Shared>) -> Self {
+        Self::with(None, shared)
+    }
+
+    fn with(h2: Option<Arc<HttpProxy<Switchyard>>>, shared: Arc<Shared>) -> Self {
         let unrouted = shared.metrics.requests_by_class("none", "none");
         Self {
-            h2: Arc::new(h2),
+            h2,
             shared,
             unrouted,
         }
     }
+
+    /// [`admit`], with a guard that uncounts the connection. (Not
+    /// `then_some(Counted)`: that builds, and drops, a guard on refusal.)
+    fn admit(&self) -> Option<Counted> {
+        if admit(&self.shared) {
+            Some(Counted)
+        } else {
+            None
+        }
+    }
+}
+
+/// Counts a new connection, or refuses it when `limits.max_connections`
+/// are open already.
+fn admit(shared: &Shared) -> bool {
+    let max = shared.active().config.limits.max_connections;
+    if OPEN.fetch_add(1, Relaxed) < max {
+        return true;
+    }
+    OPEN.fetch_sub(1, Relaxed);
+    shared.metrics.connections_refused.inc();
+    false
 }
 
 #[async_trait]
@@ -58,22 +96,23 @@ impl ServerApp for Frontend {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // A plain connection has no handshake, so it was counted at accept
-        // and reaches here at once; TLS ones carry their own counter.
-        let _counted = stream.get_ssl_digest().is_none().then(|| Counted);
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.h2.process_new(stream, shutdown).await;
+        // Only TLS connections come through Pingora, each carrying its
+        // own counter (`CountTls`); plain ones come from `PlainListener`.
+        if let (Some(ALPN::H2), Some(h2)) = (stream.selected_alpn_proto(), &self.h2) {
+            return h2.process_new(stream, shutdown).await;
         }
         crate::h1::serve(self.clone(), stream, shutdown.clone()).await;
         None
     }
 
     async fn cleanup(&self) {
-        self.h2.cleanup().await;
+        if let Some(h2) = &self.h2 {
+            h2.cleanup().await;
+        }
     }
 }
 
-/// Admits a connection at accept time, or closes it there when
+/// Admits a TLS connection at accept time, or closes it there when
 /// `limits.max_connections` are open already.
 pub struct Gate {
     shared: Arc<Shared>,
@@ -94,13 +133,7 @@ impl Gate {
 #[async_trait]
 impl ConnectionFilter for Gate {
     async fn should_accept(&self, _addr: Option<&std::net::SocketAddr>) -> bool {
-        let max = self.shared.active().config.limits.max_connections;
-        if OPEN.fetch_add(1, Relaxed) < max {
-            return true;
-        }
-        OPEN.fetch_sub(1, Relaxed);
-        self.shared.metrics.connections_refused.inc();
-        false
+        admit(&self.shared)
     }
 }
 
