@@ -3,9 +3,10 @@
 
 Every contender fronts the same upstream (one nginx serving a fixed body on N
 ports), runs one worker, logs no requests, keeps connections alive on both
-sides, and is driven by the same wrk load. Rounds alternate the contender
-order so drift on a shared machine hits all of them alike. Prints markdown
-tables with ratios to the best peer and to direct.
+sides, and is driven by the same load: wrk for HTTP/1.1, h2load for HTTP/2
+over TLS. Rounds alternate the contender order so drift on a shared machine
+hits all of them alike. Prints markdown tables with ratios to the best peer
+and to direct.
 
 Run it through loadtest/bench/proxy, which installs what this needs.
 """
@@ -155,6 +156,34 @@ def run_wrk(url, conns, seconds, script=None):
     return parse_wrk(out)
 
 
+def parse_h2load(out, log):
+    """h2load's summary gives req/s and counts but no percentiles, so p50/p99
+    come from its per-request log (third column: microseconds from a stream's
+    start to the end of its response)."""
+    if not re.search(r"^Application protocol: h2$", out, re.M):
+        raise RuntimeError(f"h2load did not negotiate h2:\n{out}")
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))
+    ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
+    micros = sorted(int(line.split("\t")[2]) for line in open(log))
+
+    def pct(p):  # nearest rank
+        return micros[max(0, -(-len(micros) * p // 100) - 1)] / 1000
+
+    # done = succeeded + failed; every one not answered 2xx is an error
+    return {"rps": rps, "requests": done, "errors": done - ok, "p50": pct(50), "p99": pct(99)}
+
+
+def run_h2load(url, args):
+    """HTTP/2 only (no fallback to HTTP/1.1 by ALPN), for args.duration seconds."""
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".tsv") as log:
+        argv = ["h2load", "--npn-list=h2", "-c", str(args.h2_clients),
+                "-m", str(args.h2_streams), "-t", str(args.h2_threads),
+                "-D", str(args.duration), "--log-file", log.name, url]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        return parse_h2load(out, log.name)
+
+
 def run_oha_rate(url, conns, seconds, rate):
     """Latency at a fixed offered rate (wrk cannot hold a rate)."""
     argv = ["oha", "--no-tui", "--output-format", "json", "--insecure",
@@ -219,6 +248,7 @@ class Bench:
 
 
 def urls(ports, upstream_port, scheme):
+    """Plain HTTP for "http", else the TLS listeners ("https", "h2")."""
     if scheme == "http":
         return {
             "direct": f"http://127.0.0.1:{upstream_port}/",
@@ -243,7 +273,10 @@ def throughput_rounds(bench, procs, ports, upstream_port, scheme, args, skip=(),
         for name in order:
             proc = procs.get(name, bench.procs["upstream"])
             cpu0 = proc.cpu_seconds()
-            res = run_wrk(targets[name], args.connections, args.duration)
+            if scheme == "h2":
+                res = run_h2load(targets[name], args)
+            else:
+                res = run_wrk(targets[name], args.connections, args.duration)
             res["cpu_per_10k"] = (proc.cpu_seconds() - cpu0) / max(res["requests"], 1) * 10000
             samples[name].append(res)
             print(f"  {label or scheme} round {r + 1} {name}: {res['rps']:.0f} req/s "
@@ -307,39 +340,68 @@ def bench_parser(doc):
 
 def main():
     p = bench_parser(__doc__)
-    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--connections", type=int, default=64, help="wrk -c (the HTTP/1.1 runs)")
     p.add_argument("--duration", type=int, default=10, help="seconds per run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rate-fraction", type=float, default=0.5)
     p.add_argument("--scale", default="3,30,300", help="pool sizes for the selection-cost runs")
     p.add_argument("--skip-rate", action="store_true", help="skip the oha fixed-rate runs")
+    p.add_argument("--h2-clients", type=int, default=16, help="h2load -c: connections")
+    p.add_argument("--h2-streams", type=int, default=4,
+                   help="h2load -m: concurrent streams per connection")
+    p.add_argument("--h2-threads", type=int, default=1, help="h2load -t: client threads")
+    p.add_argument("--h2-only", action="store_true",
+                   help="only the HTTP/2 over TLS table (no HTTP/1.1, fixed-rate or "
+                   "pool-size runs)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as work:
         bench = Bench(args, work)
         sizes = [int(s) for s in args.scale.split(",")]
-        upstreams = bench.start_upstream(max(sizes))
+        upstreams = bench.start_upstream(3 if args.h2_only else max(sizes))
+        wrk = "" if args.h2_only else f"{args.connections} wrk connections, "
         report = [f"## Proxy benchmark ({time.strftime('%Y-%m-%d %H:%M')} UTC, "
-                  f"{os.cpu_count()} CPUs, {args.connections} connections, "
-                  f"{args.duration}s x {args.rounds} rounds, {len(BODY)}-byte body)", ""]
+                  f"{os.cpu_count()} CPUs, {wrk}{args.duration}s x {args.rounds} rounds, "
+                  f"{len(BODY)}-byte body)", ""]
         try:
-            procs, ports = bench.start_contenders(upstreams[:3], "pool3")
-            try:
-                plain = throughput_rounds(bench, procs, ports, upstreams[0], "http", args)
-                report.append(throughput_table("Plain HTTP/1.1, 3 backends", plain))
-                tls = throughput_rounds(bench, procs, ports, upstreams[0], "https", args)
-                report.append(throughput_table("TLS (HTTP/1.1 over TLS), 3 backends", tls))
-                if not args.skip_rate:
-                    best = max(plain["nginx"]["rps"], plain["haproxy"]["rps"])
-                    report.append(fixed_rate(ports, upstreams[0], best, args))
-            finally:
-                for proc in procs.values():
-                    proc.stop()
-            report.append(scale_runs(bench, upstreams, sizes, args))
+            if not args.h2_only:
+                report += http1_runs(bench, upstreams, sizes, args)
+            report.append(h2_runs(bench, upstreams, args))
         finally:
             for proc in bench.procs.values():
                 proc.stop()
         print("\n".join(report))
+
+
+def http1_runs(bench, upstreams, sizes, args):
+    """The HTTP/1.1 tables: plain, TLS, fixed rate, pool size."""
+    report = []
+    procs, ports = bench.start_contenders(upstreams[:3], "pool3")
+    try:
+        plain = throughput_rounds(bench, procs, ports, upstreams[0], "http", args)
+        report.append(throughput_table("Plain HTTP/1.1, 3 backends", plain))
+        tls = throughput_rounds(bench, procs, ports, upstreams[0], "https", args)
+        report.append(throughput_table("TLS (HTTP/1.1 over TLS), 3 backends", tls))
+        if not args.skip_rate:
+            best = max(plain["nginx"]["rps"], plain["haproxy"]["rps"])
+            report.append(fixed_rate(ports, upstreams[0], best, args))
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    report.append(scale_runs(bench, upstreams, sizes, args))
+    return report
+
+
+def h2_runs(bench, upstreams, args):
+    """HTTP/2 over TLS against fresh contenders, so peak RSS is the h2 runs' own."""
+    procs, ports = bench.start_contenders(upstreams[:3], "pool3-h2")
+    try:
+        res = throughput_rounds(bench, procs, ports, upstreams[0], "h2", args)
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    return throughput_table(f"HTTP/2 over TLS, 3 backends (h2load -c {args.h2_clients} "
+                            f"-m {args.h2_streams} -t {args.h2_threads})", res)
 
 
 def scale_runs(bench, upstreams, sizes, args):
