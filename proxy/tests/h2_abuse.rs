@@ -468,12 +468,9 @@ async fn underscore_header_names_follow_the_policy_on_h2_as_on_h1() {
 }
 
 /// A client that negotiates h2 and never sends the connection preface is
-/// closed after `timeouts.client_head`, as a silent HTTP/1.1 one is.
-/// Known gap: Pingora's h2 handshake waits for the preface with no
-/// deadline, and its TLS stream cannot be peeked to bound that from here;
-/// the h2 engine that replaces this path must make this test pass.
+/// closed after `timeouts.client_head`, as a silent HTTP/1.1 one is
+/// (Pingora's h2 handshake has no deadline of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: Pingora's h2 handshake has no preface deadline"]
 async fn h2_connection_without_preface_is_closed() {
     let (_up, _bystander, proxy) = setup(0, "", "[timeouts]\nclient_head = \"1s\"\n").await;
     let report = attack(&proxy, "silent", &["--seconds", "5"]).await;

@@ -11,6 +11,7 @@
 //! timed-out handshake, which never reaches this application.
 
 mod plain;
+mod preface;
 
 pub use plain::PlainListener;
 
@@ -99,6 +100,8 @@ impl ServerApp for Frontend {
         // Only TLS connections come through Pingora, each carrying its
         // own counter (`CountTls`); plain ones come from `PlainListener`.
         if let (Some(ALPN::H2), Some(h2)) = (stream.selected_alpn_proto(), &self.h2) {
+            let wait = self.shared.active().config.timeouts.client_head;
+            let stream = preface::PrefaceDeadline::wrap(stream, wait);
             return h2.process_new(stream, shutdown).await;
         }
         crate::h1::serve(self.clone(), stream, shutdown.clone()).await;
