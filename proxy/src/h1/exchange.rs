@@ -216,14 +216,7 @@ impl Connection {
                 return None;
             }
         }
-        let config = call.active.config.clone();
-        let (limits, timeouts) = (&config.limits, &config.timeouts);
-        let budget_end = call.start + timeouts.total;
-        let limits = body::BodyLimits {
-            max: limits.max_body_bytes,
-            budget: limits.body_buffer_total,
-            deadline: Deadline::from_std((Instant::now() + timeouts.client_body).min(budget_end)),
-        };
+        let limits = body_limits(call);
         let max = limits.max;
         match body::read_request(&mut self.io, &mut self.buf, framing, limits).await {
             Ok(body) => {
@@ -529,6 +522,18 @@ pub(super) async fn refuse_unparsed(conn: &mut Connection, status: u16, kind: &s
     conn.respond(&mut call, status, kind, msg).await;
     call.record(&conn.app.unrouted);
     conn.linger().await;
+}
+
+/// Bounds of a request body: `client_body` from now, never past the
+/// request's `timeouts.total`.
+fn body_limits(call: &Call) -> body::BodyLimits {
+    let (limits, timeouts) = (&call.config().limits, &call.config().timeouts);
+    let deadline = (Instant::now() + timeouts.client_body).min(call.start + timeouts.total);
+    body::BodyLimits {
+        max: limits.max_body_bytes,
+        budget: limits.body_buffer_total,
+        deadline: Deadline::from_std(deadline),
+    }
 }
 
 fn may_retry(call: &Call, pool: &Pool, replayable: bool) -> bool {

@@ -3,7 +3,7 @@
 //! Pingora's HTTP/1 proxy path measured 3.3x nginx's instructions per
 //! request (docs/benchmarks.md), most of it in per-request session
 //! objects, header maps and tasks that a proxy with one job does not need.
-//! Pingora still owns the listeners, TLS, graceful upgrade and shutdown.
+//! Pingora still owns TLS, graceful upgrade and shutdown.
 //!
 //! Per connection: read a head ([`head`]), serve the request
 //! ([`exchange`]), and go round again while both sides keep it alive.
@@ -75,23 +75,21 @@ impl Connection {
     }
 
     async fn serve(mut self, mut shutdown: ShutdownWatch) {
-        // A new connection owes its first head promptly; later ones may
-        // idle for the keep-alive time first.
-        let mut idle = self.app.shared.active().config.timeouts.client_head;
+        let mut first = true;
         loop {
-            let limits = head_limits(&self.app.shared.active().config);
-            let again = match self.next_head(&mut shutdown, &limits, idle).await {
+            let limits = head_limits(&self.app.shared.active().config, first);
+            let again = match self.next_head(&mut shutdown, &limits).await {
                 Ok(Some(head)) => self.serve_request(head).await,
                 Ok(None) => false,
                 Err(e) => {
-                    self.refuse_head(e, limits.max_bytes).await;
+                    self.refuse_head(e, limits.request.max_bytes).await;
                     false
                 }
             };
             if !again {
                 return self.close().await;
             }
-            idle = self.app.shared.active().config.timeouts.client_idle;
+            first = false;
         }
     }
 
@@ -106,16 +104,15 @@ impl Connection {
     async fn next_head(
         &mut self,
         shutdown: &mut ShutdownWatch,
-        limits: &RequestLimits,
-        idle: Duration,
+        limits: &HeadLimits,
     ) -> Result<Option<RequestHead>, HeadError> {
-        if self.buf.is_empty() && !self.await_bytes(shutdown, idle).await {
+        if self.buf.is_empty() && !self.await_bytes(shutdown, limits.idle).await {
             return Ok(None);
         }
         // A head has `timeouts.client_head` from its first byte.
-        let deadline = Instant::now() + self.app.shared.active().config.timeouts.client_head;
+        let deadline = Instant::now() + limits.head;
         loop {
-            if let Some(head) = head::parse_request(&mut self.buf, limits)? {
+            if let Some(head) = head::parse_request(&mut self.buf, &limits.request)? {
                 return Ok(Some(head));
             }
             if self.buf.capacity() - self.buf.len() < CLIENT_BUFFER / 4 {
@@ -214,13 +211,27 @@ impl Connection {
     }
 }
 
-/// The head limits of the configuration in effect.
-fn head_limits(config: &Config) -> RequestLimits {
-    let l = &config.limits;
-    RequestLimits {
-        max_bytes: l.max_header_bytes,
-        max_headers: l.max_headers,
-        underscores: l.underscores_in_headers,
+/// How the next head is waited for and read, from one look at the
+/// configuration in effect.
+struct HeadLimits {
+    request: RequestLimits,
+    /// Wait for its first byte: a new connection owes its first head
+    /// promptly (`client_head`), a kept-alive one may idle (`client_idle`).
+    idle: Duration,
+    /// Wait for the rest of it, from its first byte.
+    head: Duration,
+}
+
+fn head_limits(config: &Config, first: bool) -> HeadLimits {
+    let (l, t) = (&config.limits, &config.timeouts);
+    HeadLimits {
+        request: RequestLimits {
+            max_bytes: l.max_header_bytes,
+            max_headers: l.max_headers,
+            underscores: l.underscores_in_headers,
+        },
+        idle: if first { t.client_head } else { t.client_idle },
+        head: t.client_head,
     }
 }
 
