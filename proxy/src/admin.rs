@@ -48,7 +48,7 @@ impl Admin {
         m.client_connections
             .set(i64::try_from(crate::listener::open_connections()).unwrap_or(i64::MAX));
         m.body_buffer_bytes
-            .set(i64::try_from(crate::h1::body::buffered_bytes()).unwrap_or(i64::MAX));
+            .set(i64::try_from(crate::codec::body::buffered_bytes()).unwrap_or(i64::MAX));
         let body = self.shared.metrics.encode();
         reply(StatusCode::OK, "text/plain; version=0.0.4", body)
     }

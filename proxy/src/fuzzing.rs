@@ -7,11 +7,11 @@ use std::path::Path;
 
 use bytes::BytesMut;
 
-use crate::config::{Config, Underscores, MAX_HEADERS};
-use crate::h1::body::Chunked;
-use crate::h1::head::{
+use crate::codec::body::Chunked;
+use crate::codec::head::{
     self, Fields, Framing, HeadError, Known, RequestLimits, MAX_CONNECTION_TOKENS,
 };
+use crate::config::{Config, Underscores, MAX_HEADERS};
 
 /// Small enough for the fuzzer's default 4 KiB inputs to pass it.
 const MAX_HEAD: usize = 2048;

@@ -2,24 +2,27 @@
 //!
 //! Modules, in request order: [`config`] (the TOML file), [`tls`] (the
 //! public listener's key pair), [`listener`] (connection cap, ALPN
-//! dispatch), [`h1`] (the HTTP/1.x engine), [`proxy`] (the `ProxyHttp`
-//! hooks, for h2), [`request`] (what both engines share), [`routing`]
+//! dispatch), the front ends [`h1`] and [`h2`] (they move bytes),
+//! [`request`] (the core: every rule of a request, once), [`routing`]
 //! (routes, splits, weighted least-connections, readiness reports),
-//! [`upstream`] (connections to backends, kept idle for reuse); beside
-//! them [`health`] (active checks), [`metrics`] and [`admin`] (the admin
+//! [`upstream`] (connections to backends, kept idle for reuse) and
+//! [`codec`] (HTTP/1.1 on the wire, both directions); beside them
+//! [`health`] (active checks), [`metrics`] and [`admin`] (the admin
 //! listener), [`reload`] (file watch, SIGHUP), [`state`] (persisted
 //! drains), [`shared`] (the state they share) and [`server`] (wiring).
+//! `docs/request-path.md` walks one request through them.
 
 pub mod admin;
+pub mod codec;
 pub mod config;
 /// Properties the fuzz targets and the corpus replay assert.
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod h1;
+pub mod h2;
 pub mod health;
 pub mod listener;
 pub mod metrics;
-pub mod proxy;
 pub mod reload;
 pub mod request;
 pub mod routing;

@@ -6,10 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
-use pingora::apps::HttpServerOptions;
 use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
-use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
@@ -20,10 +18,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::admin::{Admin, Redirect};
-use crate::config::{Config, HttpMode, LimitSection, TimeoutSection};
+use crate::config::{Config, HttpMode};
 use crate::health::{self, Checker};
 use crate::listener::{CountTls, Frontend, Gate, PlainListener};
-use crate::proxy::Switchyard;
 use crate::reload::Reloader;
 use crate::shared::Shared;
 use crate::tls::{self, CertStore};
@@ -84,30 +81,6 @@ fn server_conf(config: &Config, options: RunOptions) -> ServerConf {
     }
 }
 
-/// The h2 settings a client is held to: the head and stream limits and
-/// the flow-control windows of `[limits]`. The h2 crate's own defaults
-/// bound the rest: 20 pending resets (rapid reset, CVE-2023-44487), 400 KiB
-/// queued per stream for sending, and CONTINUATION frames counted against
-/// the header-list size (each checked by tests/h2_abuse.rs).
-fn h2_options(limits: &LimitSection) -> H2Options {
-    let mut options = default_h2_options();
-    options
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_streams)
-        .initial_window_size(limits.h2_stream_window)
-        .initial_connection_window_size(limits.h2_connection_window);
-    options
-}
-
-/// Pingora keeps an h2 connection with no stream open for as long as the
-/// client likes unless told otherwise; `timeouts.client_idle` closes it,
-/// as it closes an idle HTTP/1.1 connection.
-fn h2_server_options(timeouts: &TimeoutSection) -> HttpServerOptions {
-    let mut options = HttpServerOptions::default();
-    options.h2_idle_timeout = Some(timeouts.client_idle);
-    options
-}
-
 /// Lifts the open-file soft limit to the hard limit (as nginx's
 /// `worker_rlimit_nofile` does) and warns when `max_connections` cannot
 /// fit: past the limit, accept fails and Pingora pauses its accept loop.
@@ -157,10 +130,7 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     let active = shared.active();
     let l = &active.config.listeners;
 
-    let mut h2 = pingora::proxy::http_proxy(&conf, Switchyard::new(shared.clone()));
-    h2.h2_options = Some(h2_options(&active.config.limits));
-    h2.server_options = Some(h2_server_options(&active.config.timeouts));
-    let mut proxy = Service::new("switchyard proxy".into(), Frontend::new(h2, shared.clone()));
+    let mut proxy = Service::new("switchyard proxy".into(), Frontend::tls(shared.clone()));
     // No L4 read buffer: Pingora's 64 KiB per connection was most of an
     // idle connection's 120 KiB; the engines read in their own buffers.
     let https = &l.https;

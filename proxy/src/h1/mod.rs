@@ -5,17 +5,15 @@
 //! objects, header maps and tasks that a proxy with one job does not need.
 //! Pingora still owns TLS, graceful upgrade and shutdown.
 //!
-//! Per connection: read a head ([`head`]), serve the request
-//! ([`exchange`]), and go round again while both sides keep it alive.
+//! Per connection: read a head ([`head`]), hand the request to the core
+//! ([`crate::request`], through [`front`]), and go round again while both
+//! sides keep it alive.
 //! An idle connection gives its buffers back after [`HOT_IDLE`], so a
 //! silent client costs its task and socket, not 32 KiB of buffers.
 
-pub mod body;
-mod exchange;
-pub mod head;
+mod front;
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +23,9 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::codec::head::{self, HeadError, RequestHead, RequestLimits};
 use crate::config::Config;
 use crate::listener::Frontend;
-use head::{HeadError, RequestHead, RequestLimits};
 
 /// Read buffer of a client connection while it is in use.
 const CLIENT_BUFFER: usize = 16 * 1024;
@@ -71,7 +69,7 @@ impl Connection {
     }
 
     fn closing(&self) -> bool {
-        self.app.shared.closing.load(Ordering::Relaxed)
+        self.app.closing()
     }
 
     async fn serve(mut self, mut shutdown: ShutdownWatch) {
@@ -169,23 +167,7 @@ impl Connection {
 
     /// Answers a head that could not be parsed, then closes.
     async fn refuse_head(&mut self, e: HeadError, max_head: usize) {
-        let (status, kind, message) = match e {
-            HeadError::TooLarge => (
-                431,
-                "headers_too_large",
-                format!("request headers exceed {max_head} bytes or the header-count limit"),
-            ),
-            HeadError::Malformed(what) => {
-                (400, "bad_request", format!("malformed request: {what}"))
-            }
-            HeadError::NotImplemented(what) => (501, "not_implemented", what.to_string()),
-            HeadError::TimedOut => (
-                408,
-                "request_timeout",
-                "the request head did not arrive in time".to_string(),
-            ),
-        };
-        exchange::refuse_unparsed(self, status, kind, &message).await;
+        front::refuse_unparsed(self, e, max_head).await;
     }
 
     /// Closes after an answer sent while the client may still be sending a

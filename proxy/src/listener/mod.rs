@@ -1,8 +1,7 @@
 //! The public listeners: the application behind them, which caps the
 //! client connections open at once and hands each connection to the
-//! engine its ALPN protocol asks for (h2 to Pingora's proxy, HTTP/1.x to
-//! [`crate::h1`]), and the plain-HTTP listener's own accept loop
-//! ([`plain`]).
+//! front end its ALPN protocol asks for ([`crate::h2`] or [`crate::h1`]),
+//! and the plain-HTTP listener's own accept loop ([`plain`]).
 //!
 //! A connection over `limits.max_connections` is closed as soon as it is
 //! accepted, before any TLS work. TLS connections are counted from accept
@@ -11,11 +10,10 @@
 //! timed-out handshake, which never reaches this application.
 
 mod plain;
-mod preface;
 
 pub use plain::PlainListener;
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -23,12 +21,10 @@ use pingora::apps::ServerApp;
 use pingora::listeners::{ConnectionFilter, PreTlsProcess};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::{Tracer, Tracing};
 use prometheus::IntCounter;
 
-use crate::proxy::Switchyard;
 use crate::shared::Shared;
 
 /// Client connections open right now, over both public listeners.
@@ -41,30 +37,36 @@ pub fn open_connections() -> usize {
 
 /// The application of the public listeners.
 pub struct Frontend {
-    /// Pingora's h2 proxy; `None` behind the plain listener, which has no ALPN.
-    h2: Option<Arc<HttpProxy<Switchyard>>>,
+    /// Offers h2: the TLS listener does, through ALPN; the plain one has no ALPN.
+    h2: bool,
     pub(crate) shared: Arc<Shared>,
     /// `requests_total{pool="none",backend="none"}`: answered before routing.
     pub(crate) unrouted: [IntCounter; 6],
 }
 
 impl Frontend {
-    pub fn new(h2: HttpProxy<Switchyard>, shared: Arc<Shared>) -> Self {
-        Self::with(Some(Arc::new(h2)), shared)
+    /// The application behind the TLS listener: h2 or HTTP/1.x by ALPN.
+    pub fn tls(shared: Arc<Shared>) -> Self {
+        Self::with(true, shared)
     }
 
     /// The application behind the plain-HTTP listener: HTTP/1.x only.
     pub fn plain(shared: Arc<Shared>) -> Self {
-        Self::with(None, shared)
+        Self::with(false, shared)
     }
 
-    fn with(h2: Option<Arc<HttpProxy<Switchyard>>>, shared: Arc<Shared>) -> Self {
+    fn with(h2: bool, shared: Arc<Shared>) -> Self {
         let unrouted = shared.metrics.requests_by_class("none", "none");
         Self {
             h2,
             shared,
             unrouted,
         }
+    }
+
+    /// The server is shutting down or handing its sockets over.
+    pub fn closing(&self) -> bool {
+        self.shared.closing.load(Ordering::Relaxed)
     }
 
     /// [`admit`], with a guard that uncounts the connection. (Not
@@ -99,19 +101,12 @@ impl ServerApp for Frontend {
     ) -> Option<Stream> {
         // Only TLS connections come through Pingora, each carrying its
         // own counter (`CountTls`); plain ones come from `PlainListener`.
-        if let (Some(ALPN::H2), Some(h2)) = (stream.selected_alpn_proto(), &self.h2) {
-            let wait = self.shared.active().config.timeouts.client_head;
-            let stream = preface::PrefaceDeadline::wrap(stream, wait);
-            return h2.process_new(stream, shutdown).await;
+        if self.h2 && stream.selected_alpn_proto() == Some(ALPN::H2) {
+            crate::h2::serve(self.clone(), stream, shutdown.clone()).await;
+        } else {
+            crate::h1::serve(self.clone(), stream, shutdown.clone()).await;
         }
-        crate::h1::serve(self.clone(), stream, shutdown.clone()).await;
         None
-    }
-
-    async fn cleanup(&self) {
-        if let Some(h2) = &self.h2 {
-            h2.cleanup().await;
-        }
     }
 }
 

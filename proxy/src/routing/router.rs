@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::HeaderName;
-use pingora::http::RequestHeader;
 
 use super::{fastrand, Pool};
 use crate::config::{RouteSpec, Sticky};
@@ -151,12 +150,6 @@ pub trait RequestHeaders {
     }
 }
 
-impl RequestHeaders for RequestHeader {
-    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers.get_all(name).iter().map(|v| v.as_bytes())
-    }
-}
-
 impl Route {
     /// The pool for this request: a permitted forced pool, else the pool of
     /// the sticky key's bucket, else a weighted draw.
@@ -294,11 +287,18 @@ mod tests {
         assert!(bucket_of(b"user-1") < BUCKETS);
     }
 
+    /// A header map stands in for a request head.
+    impl RequestHeaders for http::HeaderMap {
+        fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+            self.get_all(name).iter().map(|v| v.as_bytes())
+        }
+    }
+
     #[test]
     fn sticky_keys_come_from_headers_or_cookies() {
-        let mut req = RequestHeader::build("GET", b"/", None).expect("request");
-        req.insert_header("x-user", "u1").expect("header");
-        req.append_header("cookie", "a=1; sid=abc").expect("header");
+        let mut req = http::HeaderMap::new();
+        req.insert("x-user", "u1".parse().expect("value"));
+        req.append("cookie", "a=1; sid=abc".parse().expect("value"));
         let header = StickyKey::Header(HeaderName::from_static("x-user"));
         assert_eq!(sticky_value(&header, &req), Some(&b"u1"[..]));
         let cookie = StickyKey::Cookie("sid".to_string());

@@ -86,6 +86,16 @@ pub struct Body {
     _charge: Charge,
 }
 
+impl Body {
+    /// A body that needed no buffering of its own (nothing to charge).
+    pub fn whole(bytes: Bytes) -> Self {
+        Body {
+            bytes,
+            _charge: Charge::default(),
+        }
+    }
+}
+
 /// The bounds a request body is read under.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
@@ -268,14 +278,14 @@ pub async fn read_more(
 /// A request body being collected: grown as bytes arrive, charged to the
 /// budget first and allocated fallibly, so neither a declared length nor
 /// a crowd of senders can abort the process.
-struct Collector {
+pub struct Collector {
     body: Vec<u8>,
     charge: Charge,
     limits: BodyLimits,
 }
 
 impl Collector {
-    fn new(limits: BodyLimits) -> Self {
+    pub fn new(limits: BodyLimits) -> Self {
         Self {
             body: Vec::new(),
             charge: Charge::default(),
@@ -300,7 +310,7 @@ impl Collector {
             .map_err(|_| BodyError::Busy("out of memory for the request body"))
     }
 
-    fn push(&mut self, data: &[u8]) -> Result<(), BodyError> {
+    pub fn push(&mut self, data: &[u8]) -> Result<(), BodyError> {
         if (self.body.len() + data.len()) as u64 > self.limits.max {
             return Err(BodyError::TooLarge);
         }
@@ -326,7 +336,7 @@ impl Collector {
         }
     }
 
-    fn finish(self) -> Body {
+    pub fn finish(self) -> Body {
         Body {
             bytes: Bytes::from(self.body),
             _charge: self.charge,
@@ -342,10 +352,7 @@ pub async fn read_request(
     framing: Framing,
     limits: BodyLimits,
 ) -> Result<Body, BodyError> {
-    let whole = |bytes| Body {
-        bytes,
-        _charge: Charge::default(),
-    };
+    let whole = Body::whole;
     match framing {
         Framing::Empty | Framing::UntilClose => Ok(whole(Bytes::new())),
         Framing::Length(n) if n > limits.max => Err(BodyError::TooLarge),
@@ -386,6 +393,73 @@ async fn read_chunked(
         }
         let wait = limits.deadline.saturating_duration_since(Instant::now());
         read_more(io, buf, wait).await?;
+    }
+}
+
+/// A response body read piece by piece and decoded, for a client that
+/// takes the payload rather than HTTP/1.1 framing (h2).
+pub struct Reader {
+    framing: Framing,
+    remaining: u64,
+    chunked: Chunked,
+}
+
+impl Reader {
+    pub fn new(framing: Framing) -> Self {
+        let remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        Self {
+            framing,
+            remaining,
+            chunked: Chunked::default(),
+        }
+    }
+
+    /// The next piece of payload (possibly empty) and whether the body
+    /// has ended. Reads from `up` only when `up_buf` holds nothing usable.
+    pub async fn next(
+        &mut self,
+        up: &mut (impl AsyncRead + Unpin),
+        up_buf: &mut BytesMut,
+        wait: Duration,
+    ) -> Result<(Bytes, bool), BodyError> {
+        loop {
+            match self.framing {
+                Framing::Empty => return Ok((Bytes::new(), true)),
+                Framing::Length(_) if self.remaining == 0 => return Ok((Bytes::new(), true)),
+                Framing::Length(_) if !up_buf.is_empty() => {
+                    let n = usize::try_from(self.remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(up_buf.len());
+                    self.remaining -= n as u64;
+                    // Handed on without a copy.
+                    return Ok((up_buf.split_to(n).freeze(), self.remaining == 0));
+                }
+                Framing::Chunked if !up_buf.is_empty() => {
+                    let mut payload = BytesMut::new();
+                    let used = self
+                        .chunked
+                        .feed(up_buf, |p| payload.extend_from_slice(p))?;
+                    up_buf.advance(used);
+                    let done = self.chunked.is_done();
+                    if done || !payload.is_empty() {
+                        return Ok((payload.freeze(), done));
+                    }
+                }
+                Framing::UntilClose if !up_buf.is_empty() => {
+                    return Ok((up_buf.split().freeze(), false));
+                }
+                _ => {}
+            }
+            match read_more(up, up_buf, wait).await {
+                Err(BodyError::Closed) if self.framing == Framing::UntilClose => {
+                    return Ok((Bytes::new(), true));
+                }
+                r => r?,
+            }
+        }
     }
 }
 

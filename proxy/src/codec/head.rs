@@ -70,7 +70,7 @@ pub enum Known {
 }
 
 impl Known {
-    fn of(name: &[u8]) -> Known {
+    pub fn of(name: &[u8]) -> Known {
         let is = |want: &str| name.eq_ignore_ascii_case(want.as_bytes());
         // The length picks the few candidates worth comparing.
         match name.len() {
@@ -151,16 +151,26 @@ fn police_underscores(
     if policy == Underscores::Forward {
         return Ok(());
     }
-    for h in headers
-        .iter_mut()
-        .filter(|h| buf[h.name.clone()].contains(&b'_'))
-    {
-        match policy {
-            Underscores::Refuse => return Err(HeadError::Malformed("underscore in a header name")),
-            _ => h.known = Known::Dropped,
+    for h in headers.iter_mut() {
+        if drops_name(&buf[h.name.clone()], policy)? {
+            h.known = Known::Dropped;
         }
     }
     Ok(())
+}
+
+/// The underscore policy's verdict on one request header name, for
+/// either protocol: kept (false), dropped (true), or the request refused.
+/// Some backends fold `x_foo` into `x-foo`, so an underscored name could
+/// smuggle a header past the proxy.
+pub fn drops_name(name: &[u8], policy: Underscores) -> Result<bool, HeadError> {
+    if policy == Underscores::Forward || !name.contains(&b'_') {
+        return Ok(false);
+    }
+    match policy {
+        Underscores::Refuse => Err(HeadError::Malformed("underscore in a header name")),
+        _ => Ok(true),
+    }
 }
 
 /// Comma-separated list items, trimmed, empty ones skipped.
@@ -215,6 +225,11 @@ impl Fields {
             }
         }
         Ok(fields)
+    }
+
+    /// How many header lines there are.
+    pub fn count(&self) -> usize {
+        self.headers.len()
     }
 
     /// Every (name, value, kind) triple, in order.
