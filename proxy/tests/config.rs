@@ -191,13 +191,6 @@ const CASES: &[Case] = &[
         message: "does not fit certificate",
     },
     Case {
-        name: "retry buffer beyond Pingora's",
-        edit: ("retries = 2", "retries = 2\nbuffer_body_max = 1000000"),
-        key: "retry.buffer_body_max",
-        line_of: "buffer_body_max",
-        message: "must be at most 65536",
-    },
-    Case {
         name: "ejection max below base",
         edit: (
             "ejection_base = \"5s\"",

@@ -240,18 +240,17 @@ impl Default for TimeoutSection {
 pub struct RetrySection {
     /// Further attempts after the first, each on a backend not yet tried.
     pub retries: u32,
-    /// Request bodies up to this size are kept so a 503 can be retried.
+    /// Request bodies up to this size are replayed on a retry. Every body
+    /// is read whole before its first attempt (up to
+    /// `limits.max_body_bytes`), so this bounds upstream bytes, not memory.
     pub buffer_body_max: usize,
 }
-
-/// Pingora keeps at most this many body bytes for replay on retry.
-pub const PINGORA_RETRY_BUFFER: usize = 64 * 1024;
 
 impl Default for RetrySection {
     fn default() -> Self {
         Self {
             retries: 2,
-            buffer_body_max: PINGORA_RETRY_BUFFER,
+            buffer_body_max: 64 * 1024,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::error::Problem;
 use super::locate::KeyPath;
-use super::{Config, PoolSpec, RouteSpec, Sticky, MAX_HEADERS, PINGORA_RETRY_BUFFER};
+use super::{Config, PoolSpec, RouteSpec, Sticky, MAX_HEADERS};
 use crate::tls::{self, KeyPairFile};
 
 /// Checks `config`, resolving relative paths against `base` and backend
@@ -179,14 +179,6 @@ impl Validator {
     fn retry(&mut self, c: &Config) {
         let r = &c.retry;
         self.check(r.retries <= 10, &["retry", "retries"], "must be at most 10");
-        let msg = format!(
-            "must be at most {PINGORA_RETRY_BUFFER}: Pingora replays at most that many body bytes on retry"
-        );
-        self.check(
-            r.buffer_body_max <= PINGORA_RETRY_BUFFER,
-            &["retry", "buffer_body_max"],
-            &msg,
-        );
     }
 
     fn limits(&mut self, c: &Config) {
