@@ -184,6 +184,33 @@ matrix!(
     }
 );
 
+/// The largest `retry.buffer_body_max` the configuration accepts today:
+/// validation caps it at Pingora's 64 KiB replay buffer, on both engines.
+/// Once the cap goes, the test is to set a buffer above 200 KiB and replay
+/// a 200 KiB body.
+const RETRY_BUFFER_MAX: usize = 64 * 1024;
+
+matrix!(
+    a_body_filling_the_retry_buffer_is_replayed_whole,
+    |proto| async move {
+        let busy = Upstream::start("busy", 0).await;
+        let ok = Upstream::start("ok", 0).await;
+        busy.control.set(&busy.control.overloaded, true);
+        // Weighted 9 to 1, nine requests in ten try the overloaded one first.
+        let body = pool("p", &[(busy.addr, 9), (ok.addr, 1)])
+            + &route("p")
+            + &format!("[retry]\nbuffer_body_max = {RETRY_BUFFER_MAX}\n");
+        let proxy = proto.start(&body).await;
+
+        let retries = post_past_overload(&proxy, &proxy.via(proto), 8, RETRY_BUFFER_MAX).await;
+        assert!(
+            busy.control.requests() > 0,
+            "the overloaded backend was tried"
+        );
+        assert_eq!(retries, busy.control.requests() as f64, "one retry per 503");
+    }
+);
+
 matrix!(
     a_pool_without_eligible_backends_answers_503_fast,
     |proto| async move {
