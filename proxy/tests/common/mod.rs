@@ -4,6 +4,7 @@
 //! so a failing assertion cannot leave processes behind.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod matrix;
 pub mod raw;
 pub mod upstream;
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub use matrix::{Proto, Via};
 pub use upstream::Upstream;
 
 /// A throwaway CA and a `localhost`/127.0.0.1 server certificate it signed
@@ -134,19 +136,33 @@ impl Proxy {
     /// is replaced with a free port. `[health]` defaults to [`FAST_HEALTH`]
     /// and `[server]` to [`TEST_SERVER`].
     pub async fn start(body: &str) -> Proxy {
+        Proxy::start_with("", body).await
+    }
+
+    /// [`Proxy::start`] with `listeners` (more listener sections, which may
+    /// use `{http_port}`) in the generated part, so that
+    /// [`Proxy::rewrite`] keeps them.
+    pub async fn start_with(listeners: &str, body: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = generate_certs(dir.path());
         let (https, admin) = (loopback(free_port()), loopback(free_port()));
         let http_port = free_port();
-        let http = body.contains("{http_port}").then(|| loopback(http_port));
+        let http = [listeners, body]
+            .iter()
+            .any(|s| s.contains("{http_port}"))
+            .then(|| loopback(http_port));
+        let with_port = |s: &str| s.replace("{http_port}", &http_port.to_string());
         let header = format!(
             "[listeners.https]\naddress = \"{https}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
-             [admin]\naddress = \"{admin}\"\ntoken_file = \"admin-token\"\n\n"
+             [admin]\naddress = \"{admin}\"\ntoken_file = \"admin-token\"\n\n{}",
+            with_port(listeners)
         );
         std::fs::write(dir.path().join("admin-token"), ADMIN_TOKEN).expect("write token");
-        let body = body.replace("{http_port}", &http_port.to_string());
-        std::fs::write(dir.path().join("switchyard.toml"), compose(&header, &body))
-            .expect("write config");
+        std::fs::write(
+            dir.path().join("switchyard.toml"),
+            compose(&header, &with_port(body)),
+        )
+        .expect("write config");
         let child = spawn_switchyard(dir.path(), false);
         let proxy = Proxy {
             child,
@@ -255,7 +271,11 @@ impl Proxy {
             let admin_up = reqwest::get(&metrics)
                 .await
                 .is_ok_and(|r| r.status() == 200);
-            if admin_up && tokio::net::TcpStream::connect(self.https).await.is_ok() {
+            let plain_up = match self.http {
+                Some(addr) => accepts(addr).await,
+                None => true,
+            };
+            if admin_up && plain_up && accepts(self.https).await {
                 return;
             }
             assert!(
@@ -378,6 +398,10 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
 
+async fn accepts(addr: SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_ok()
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -402,58 +426,6 @@ pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut cond: F) -> boo
     cond()
 }
 
-/// What one request of a load run saw.
-#[derive(Debug)]
-pub struct Outcome {
-    pub status: u16,
-    pub instance: String,
-}
-
-/// Sends `total` POSTs to `url` from `concurrency` tasks.
-pub async fn load(
-    client: &reqwest::Client,
-    url: &str,
-    concurrency: usize,
-    total: usize,
-) -> Vec<Result<Outcome, String>> {
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (client, url, next) = (client.clone(), url.to_string(), next.clone());
-        tasks.spawn(async move {
-            let mut out = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
-                out.push(send(&client, &url).await);
-            }
-            out
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(batch) = tasks.join_next().await {
-        all.extend(batch.expect("load task"));
-    }
-    all
-}
-
-pub async fn send(client: &reqwest::Client, url: &str) -> Result<Outcome, String> {
-    let resp = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(r#"{"input":"hello"}"#)
-        .send()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let status = resp.status().as_u16();
-    let instance = resp
-        .headers()
-        .get("x-switchyard-instance")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    resp.bytes().await.map_err(|e| format!("{e:?}"))?;
-    Ok(Outcome { status, instance })
-}
-
 /// Keeps `concurrency` clients busy until stopped; collects failures.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -461,27 +433,31 @@ pub struct Load {
 }
 
 impl Load {
+    /// Half h2, half HTTP/1.1 over TLS: one client per task, so the load
+    /// holds `concurrency` connections, half of them HTTP/1.1 keep-alive,
+    /// whose close races h2 does not have.
     pub fn start(proxy: &Proxy, concurrency: usize) -> Load {
+        let protos = [Proto::H2, Proto::H1Tls].into_iter().cycle();
+        Load::run(protos.take(concurrency).map(|p| proxy.via(p)).collect())
+    }
+
+    /// `concurrency` clients of `proto`, one connection each.
+    pub fn over(proxy: &Proxy, proto: Proto, concurrency: usize) -> Load {
+        Load::run((0..concurrency).map(|_| proxy.via(proto)).collect())
+    }
+
+    fn run(vias: Vec<Via>) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // One client per task, so the load holds `concurrency` connections;
-        // half of them HTTP/1.1 keep-alive, whose close races h2 does not have.
-        let clients: Vec<reqwest::Client> = (0..concurrency)
-            .map(|i| match i % 2 {
-                0 => proxy.client(),
-                _ => proxy.client_h1(),
-            })
-            .collect();
-        let url = proxy.url("/v1/embeddings");
         let flag = stop.clone();
         let handle = tokio::spawn(async move {
             let mut tasks = tokio::task::JoinSet::new();
-            for client in clients {
-                let (url, flag) = (url.clone(), flag.clone());
+            for via in vias {
+                let flag = flag.clone();
                 tasks.spawn(async move {
                     let (mut sent, mut failures) = (0, Vec::new());
                     while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                         sent += 1;
-                        match send(&client, &url).await {
+                        match via.outcome("/v1/embeddings").await {
                             Ok(o) if o.status == 200 => {}
                             Ok(o) => failures.push(format!("status {}", o.status)),
                             Err(e) => failures.push(e),
