@@ -7,11 +7,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use common::matrix::matrix;
 use common::metric;
 use common::raw::*;
+use common::{pool, Upstream};
 
 /// How long the proxy may take past a configured deadline.
 const SLACK: Duration = Duration::from_millis(1500);
@@ -147,6 +150,32 @@ async fn a_body_sent_too_slowly_gets_408_within_its_deadline() {
     assert!(json["error"]["message"].is_string(), "{json}");
     assert!(backend.requests().is_empty());
 }
+
+matrix!(
+    a_streamed_body_that_stalls_gets_408_within_client_body,
+    |proto| async move {
+        let up = Upstream::start("up", 0).await;
+        let body = pool("p", &[(up.addr, 1)])
+            + "[[routes]]\npath_prefix = \"/\"\npool = \"p\"\n"
+            + "[timeouts]\nclient_body = \"1s\"\nread = \"30s\"\n";
+        let proxy = proto.start(&body).await;
+        let via = proxy.via(proto);
+        // Three bytes, then nothing: chunked on HTTP/1.1, DATA on h2.
+        let first = futures_util::stream::once(async { Ok::<_, std::io::Error>("abc") });
+        let stalled = first.chain(futures_util::stream::pending());
+        let started = Instant::now();
+        let req = via
+            .post("/trickle")
+            .body(reqwest::Body::wrap_stream(stalled));
+        let resp = via.send(req).await;
+        assert_eq!(resp.status(), 408);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1) + SLACK, "{took:?}");
+        let json: serde_json::Value = resp.json().await.expect("JSON error");
+        assert_eq!(json["error"]["type"], "request_timeout", "{json}");
+        assert_eq!(up.control.requests(), 0);
+    }
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_past_the_buffer_budget_get_503_and_the_budget_comes_back() {
