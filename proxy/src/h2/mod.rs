@@ -11,8 +11,10 @@
 
 mod stream;
 
+use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -59,35 +61,45 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
     drop(active);
     let mut streams = FuturesUnordered::new();
     let mut quiet = pin!(sleep(idle));
-    let mut closing = false;
+    let mut stopping = pin!(shutdown.changed());
+    let (mut busy, mut closing) = (false, false);
     loop {
-        tokio::select! {
-            accepted = conn.accept() => match accepted {
-                Some(Ok((req, respond))) => {
-                    streams.push(stream::serve(app.clone(), req, respond, client));
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "h2 connection ended");
-                    return;
-                }
-                None => return,
-            },
-            Some(()) = streams.next(), if !streams.is_empty() => {
-                if streams.is_empty() {
-                    let wait = if closing { CLOSE_WAIT } else { idle };
-                    quiet.as_mut().reset(Instant::now() + wait);
-                }
+        let event = poll_fn(|cx| {
+            // Every stream that can move runs before the connection is
+            // polled, which is what writes their frames: answers that are
+            // ready together go out in one write (one TLS record) instead
+            // of one each, as HAProxy batches them.
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            if busy && streams.is_empty() {
+                busy = false;
+                let wait = if closing { CLOSE_WAIT } else { idle };
+                quiet.as_mut().reset(Instant::now() + wait);
             }
-            () = &mut quiet, if streams.is_empty() => {
-                // Idle past client_idle, or closing and nothing left.
-                if closing {
-                    return;
-                }
-                conn.graceful_shutdown();
-                closing = true;
-                quiet.as_mut().reset(Instant::now() + CLOSE_WAIT);
+            if let Poll::Ready(accepted) = conn.poll_accept(cx) {
+                return Poll::Ready(Event::Accepted(accepted));
             }
-            _ = shutdown.changed(), if !closing => {
+            if streams.is_empty() && quiet.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Quiet);
+            }
+            if !closing && stopping.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Stopping);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Accepted(Some(Ok((req, respond)))) => {
+                busy = true;
+                streams.push(stream::serve(app.clone(), req, respond, client));
+            }
+            Event::Accepted(Some(Err(e))) => {
+                tracing::debug!(error = %e, "h2 connection ended");
+                return;
+            }
+            Event::Accepted(None) => return,
+            // Idle past client_idle, or closing and nothing left.
+            Event::Quiet if closing => return,
+            Event::Quiet | Event::Stopping => {
                 // GOAWAY: streams already open finish, no new one starts.
                 conn.graceful_shutdown();
                 closing = true;
@@ -96,3 +108,19 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
         }
     }
 }
+
+/// What woke the connection's loop. Held for one turn of it: boxing the
+/// large variant would cost an allocation per stream.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Accepted(Option<Result<Accepted, h2::Error>>),
+    /// No stream open for the idle (or closing) wait.
+    Quiet,
+    /// The server began to shut down or hand over.
+    Stopping,
+}
+
+type Accepted = (
+    http::Request<h2::RecvStream>,
+    h2::server::SendResponse<Bytes>,
+);
