@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pool, Proxy, Upstream};
+use common::{metric, pool, Proxy, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn single_pool(up: &Upstream) -> String {
@@ -34,6 +34,42 @@ async fn reqwest_gets_h2_and_http1() {
         .await
         .expect("h1");
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(resp.status(), 200);
+}
+
+/// A client that resets its h2 stream (RST_STREAM, as dropping a reqwest
+/// request does) cancels the upstream attempt: the backend's in-flight
+/// count, held by the request's lease, is back to 0 long before the slow
+/// backend would have answered, and the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_h2_stream_cancels_its_upstream_attempt() {
+    let slow = Upstream::start("slow", 5000).await;
+    let proxy = Proxy::start(&single_pool(&slow)).await;
+    let client = proxy.client();
+    let gauge = format!(
+        "switchyard_upstream_in_flight_requests{{backend=\"{}\"}}",
+        slow.addr
+    );
+
+    let request = client.get(proxy.url("/v1/embeddings")).send();
+    let dropped = tokio::time::timeout(Duration::from_millis(500), request).await;
+    assert!(dropped.is_err(), "the slow backend answered early");
+    assert_eq!(slow.control.requests(), 1);
+    let started = std::time::Instant::now();
+    let mut freed = false;
+    while !freed && started.elapsed() < Duration::from_secs(2) {
+        freed = metric(&proxy.metrics().await, &gauge) == Some(0.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "the lease outlived the cancelled stream");
+
+    slow.control.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    let resp = client
+        .get(proxy.url("/v1/embeddings"))
+        .send()
+        .await
+        .expect("the same client is served after the reset");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
 }
 
