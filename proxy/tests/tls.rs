@@ -63,7 +63,9 @@ async fn a_reset_h2_stream_cancels_its_upstream_attempt() {
     }
     assert!(freed, "the lease outlived the cancelled stream");
 
-    slow.control.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    slow.control
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
     let resp = client
         .get(proxy.url("/v1/embeddings"))
         .send()
