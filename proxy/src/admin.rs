@@ -125,6 +125,7 @@ impl Admin {
                 json!({
                     "name": r.name, "host": host, "path_prefix": r.path_prefix,
                     "split": split, "sticky": sticky, "force": force,
+                    "fallback": r.fallback.is_some(),
                 })
             })
             .collect();

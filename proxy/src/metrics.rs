@@ -37,6 +37,7 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     cache_hit_ratio: GaugeVec,
     retries: IntCounterVec,
+    fallbacks: IntCounterVec,
     ejections: IntCounterVec,
     health_checks: IntCounterVec,
     reloads: IntCounterVec,
@@ -147,6 +148,12 @@ impl Metrics {
                 "switchyard_retries_total",
                 "Requests sent to another backend after a failed attempt, by pool.",
                 &["pool"],
+            ),
+            fallbacks: counter_vec(
+                &r,
+                "switchyard_pool_fallbacks_total",
+                "Requests served by another pool of the split because the drawn pool had no eligible backend.",
+                &["route", "from", "to"],
             ),
             ejections: counter_vec(
                 &r,
@@ -262,6 +269,11 @@ impl Metrics {
             retries: self.retries.with_label_values(&[pool]),
             unserved: self.requests_by_class(pool, "none"),
         }
+    }
+
+    /// `switchyard_pool_fallbacks_total` for one route and pair of pools.
+    pub fn fallback(&self, route: &str, from: &str, to: &str) -> IntCounter {
+        self.fallbacks.with_label_values(&[route, from, to])
     }
 
     /// `switchyard_requests_total` handles for one (pool, backend) pair.

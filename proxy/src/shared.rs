@@ -39,7 +39,7 @@ impl Active {
                 (name.clone(), Arc::new(pool))
             })
             .collect();
-        let router = Router::build(&config.routes, &pools);
+        let router = Router::build(&config.routes, &pools, metrics);
         let backends = config
             .backend_addrs()
             .iter()

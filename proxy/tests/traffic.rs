@@ -511,3 +511,53 @@ async fn sigterm_finishes_in_flight_requests_then_exits_early() {
         "exited well before the 20 s grace period"
     );
 }
+
+/// `switchyard_pool_fallbacks_total` from `from` to `to`, whatever the
+/// label order of the exposition.
+fn fallbacks(scrape: &str, from: &str, to: &str) -> f64 {
+    let (from, to) = (format!("from=\"{from}\""), format!("to=\"{to}\""));
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("switchyard_pool_fallbacks_total{"))
+        .filter(|l| l.contains(&from) && l.contains(&to))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+matrix!(
+    a_drained_out_pool_falls_back_to_the_other_pool_of_its_split,
+    |proto| async move {
+        let blue = Upstream::start("blue", 0).await;
+        let green = Upstream::start("green", 0).await;
+        let pools = pool("blue", &[(blue.addr, 1)]) + &pool("green", &[(green.addr, 1)]);
+        let proxy = proto
+            .start(&(pools.clone() + &split_route("blue = 90, green = 10", "")))
+            .await;
+        let drain = format!("/admin/backends/{}/drain", blue.addr);
+        assert_eq!(proxy.admin("POST", &drain).await.0, 200);
+
+        let via = proxy.via(proto);
+        let results = via.load("/", 4, 200).await;
+        assert_all_200(&results);
+        assert_eq!(
+            (blue.control.requests(), green.control.requests()),
+            (0, 200)
+        );
+        // Blue is drawn 90 % of the time: Binomial(200, 0.9) is 180 ± 4.2.
+        let fell = fallbacks(&proxy.metrics().await, "blue", "green");
+        assert!((160.0..=200.0).contains(&fell), "{fell} fallbacks");
+
+        // Switched off, a request drawn for the drained pool gets 503.
+        let (_, before) = proxy.admin("GET", "/admin/config/status").await;
+        proxy.rewrite(&(pools + &split_route("blue = 90, green = 10", "fallback = false\n")));
+        assert_eq!(wait_reloaded(&proxy, &before).await["result"], "ok");
+        let mut refused = 0;
+        for _ in 0..20 {
+            let status = via.send(via.get("/")).await.status();
+            assert!(status == 200 || status == 503, "{status}");
+            refused += usize::from(status == 503);
+        }
+        // P(no 503 in 20 draws at 90 %) = 1e-20.
+        assert!(refused > 0, "no request was refused without fallback");
+    }
+);

@@ -378,6 +378,9 @@ pub struct RouteSpec {
     pub sticky: Option<Sticky>,
     /// Let a request header choose the pool, among `allow` only.
     pub force: Option<Force>,
+    /// When the drawn pool has no eligible backend, serve from another
+    /// pool of the split. Default: on when the split has several pools.
+    pub fallback: Option<bool>,
 }
 
 /// Exactly one of `header` and `cookie`.
@@ -407,6 +410,11 @@ impl RouteSpec {
         self.name
             .clone()
             .unwrap_or_else(|| format!("routes[{index}]"))
+    }
+
+    /// Whether requests fall back to another pool of the split.
+    pub fn falls_back(&self) -> bool {
+        self.fallback.unwrap_or(true) && self.effective_split().len() > 1
     }
 
     /// The effective split: `pool = "x"` is `split = { x = 100 }`.

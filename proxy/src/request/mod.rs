@@ -5,7 +5,8 @@
 //!
 //! The phases, in order (`docs/request-path.md` names each function):
 //! admit ([`admit`]), route and choose the pool, pick and lease
-//! ([`route_and_forward`]), read the body ([`read_body`]), attempt and
+//! (falling back to another pool of the split when the drawn one has
+//! none eligible; [`route_and_forward`]), read the body ([`read_body`]), attempt and
 //! judge ([`forward`]), relay ([`forward::relay`]), finish
 //! ([`Call::finish`]). Upstreams always speak HTTP/1.1 ([`attempt`]).
 
@@ -131,11 +132,17 @@ where
         let msg = format!("no route for {}", call.head.path());
         return answer::refuse_unread(front, call, 404, "no_route", &msg).await;
     };
-    let pool = route.choose_pool(&call.head).clone();
-    let Some(first) = pool.pick(&[]) else {
+    let (drawn, forced) = route.choose_pool(&call.head);
+    let picked = match drawn.pick(&[]) {
+        Some(member) => Some((drawn.clone(), member)),
+        // A forced pool is the client's explicit choice: no substitute.
+        None if !forced => route.fall_back(drawn),
+        None => None,
+    };
+    let Some((pool, first)) = picked else {
         call.refusal = Some(Refusal::NoBackend);
-        let (status, kind, msg) = Refusal::NoBackend.describe(&pool.name);
-        call.pool = Some(pool);
+        let (status, kind, msg) = Refusal::NoBackend.describe(&drawn.name);
+        call.pool = Some(drawn.clone());
         return answer::refuse_unread(front, call, status, kind, &msg).await;
     };
     call.lease = Some(Lease::new(pool.members[first].backend.clone()));

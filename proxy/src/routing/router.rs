@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::HeaderName;
+use prometheus::IntCounter;
 
 use super::{fastrand, Pool};
 use crate::config::{RouteSpec, Sticky};
+use crate::metrics::Metrics;
 
 /// Splits are resolved over this many buckets (0.01 % granularity).
 pub const BUCKETS: u32 = 10_000;
@@ -124,6 +126,35 @@ pub struct Route {
     pub split: Split,
     pub sticky: Option<StickyKey>,
     pub force: Option<ForceRule>,
+    pub fallback: Option<Fallback>,
+}
+
+/// The other pools of a split, tried when the drawn pool has no eligible
+/// backend, so that a drained-out or failing pool never fails a request
+/// while another pool of the route can serve it.
+pub struct Fallback {
+    /// Split entry indices, heaviest first.
+    order: Vec<usize>,
+    /// `switchyard_pool_fallbacks_total`, by (from, to) entry index.
+    counters: Vec<Vec<IntCounter>>,
+}
+
+impl Fallback {
+    fn new(route: &str, split: &Split, metrics: &Metrics) -> Self {
+        let entries = split.entries();
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(entries[i].weight));
+        let counters = entries
+            .iter()
+            .map(|from| {
+                entries
+                    .iter()
+                    .map(|to| metrics.fallback(route, &from.pool.name, &to.pool.name))
+                    .collect()
+            })
+            .collect();
+        Self { order, counters }
+    }
 }
 
 /// Where a sticky route finds the key that pins a client to a pool.
@@ -152,15 +183,34 @@ pub trait RequestHeaders {
 
 impl Route {
     /// The pool for this request: a permitted forced pool, else the pool of
-    /// the sticky key's bucket, else a weighted draw.
-    pub fn choose_pool(&self, req: &impl RequestHeaders) -> &Arc<Pool> {
+    /// the sticky key's bucket, else a weighted draw. True when forced.
+    pub fn choose_pool(&self, req: &impl RequestHeaders) -> (&Arc<Pool>, bool) {
         if let Some(pool) = self.forced_pool(req) {
-            return pool;
+            return (pool, true);
         }
-        match self.sticky.as_ref().and_then(|k| sticky_value(k, req)) {
+        let pool = match self.sticky.as_ref().and_then(|k| sticky_value(k, req)) {
             Some(key) => self.split.pool_for_bucket(bucket_of(key)),
             None => self.split.draw(),
-        }
+        };
+        (pool, false)
+    }
+
+    /// When the drawn pool `from` has no eligible backend: the heaviest
+    /// other pool of the split that has one, and its pick, counted.
+    pub fn fall_back(&self, from: &Pool) -> Option<(Arc<Pool>, usize)> {
+        let fallback = self.fallback.as_ref()?;
+        let entries = self.split.entries();
+        let from_i = entries.iter().position(|e| std::ptr::eq(&*e.pool, from))?;
+        fallback
+            .order
+            .iter()
+            .filter(|&&i| i != from_i)
+            .find_map(|&i| {
+                let pool = &entries[i].pool;
+                let member = pool.pick(&[])?;
+                fallback.counters[from_i][i].inc();
+                Some((pool.clone(), member))
+            })
     }
 
     fn forced_pool(&self, req: &impl RequestHeaders) -> Option<&Arc<Pool>> {
@@ -201,7 +251,11 @@ pub struct Router {
 
 impl Router {
     /// Builds the routes of a validated configuration over built pools.
-    pub fn build(specs: &[RouteSpec], pools: &BTreeMap<String, Arc<Pool>>) -> Self {
+    pub fn build(
+        specs: &[RouteSpec],
+        pools: &BTreeMap<String, Arc<Pool>>,
+        metrics: &Metrics,
+    ) -> Self {
         let mut routes: Vec<Route> = specs
             .iter()
             .enumerate()
@@ -211,11 +265,17 @@ impl Router {
                     .into_iter()
                     .map(|(name, w)| (pools[&name].clone(), w))
                     .collect();
+                let name = spec.label(i);
+                let split = Split::new(&weights);
+                let fallback = spec
+                    .falls_back()
+                    .then(|| Fallback::new(&name, &split, metrics));
                 Route {
-                    name: spec.label(i),
+                    name,
                     host: HostMatch::parse(spec.host.as_deref()),
                     path_prefix: spec.path_prefix.clone(),
-                    split: Split::new(&weights),
+                    split,
+                    fallback,
                     sticky: spec.sticky.as_ref().map(sticky_key),
                     force: spec.force.as_ref().map(|f| ForceRule {
                         header: HeaderName::from_bytes(f.header.as_bytes())
