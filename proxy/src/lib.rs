@@ -9,7 +9,8 @@
 //! [`codec`] (HTTP/1.1 on the wire, both directions); beside them
 //! [`health`] (active checks), [`metrics`] and [`admin`] (the admin
 //! listener), [`reload`] (file watch, SIGHUP), [`state`] (persisted
-//! drains), [`shared`] (the state they share) and [`server`] (wiring).
+//! drains), [`rollout`] (canary analysis), [`shared`] (the state they
+//! share) and [`server`] (wiring).
 //! `docs/request-path.md` walks one request through them.
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod listener;
 pub mod metrics;
 pub mod reload;
 pub mod request;
+pub mod rollout;
 pub mod routing;
 pub mod server;
 pub mod shared;

@@ -1,0 +1,3 @@
+//! Automated canary rollouts: the judge of each analysis window.
+
+pub mod judge;
