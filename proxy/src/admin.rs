@@ -8,6 +8,8 @@
 //! | POST | `/admin/backends/{addr}/drain[?wait=30s]` | stop new requests; optionally wait for in-flight to reach 0 |
 //! | POST | `/admin/backends/{addr}/undrain` | take requests again |
 //! | GET | `/admin/routes` | effective routes and splits |
+//! | GET | `/admin/routes/{name}/rollout` | a rollout's state, step, weight and last windows |
+//! | POST | `/admin/routes/{name}/rollout/{start,pause,resume,promote,abort}` | steer it |
 //! | GET | `/admin/config` | effective configuration, secrets left out |
 //! | GET | `/admin/config/status` | latest reload attempt and active config hash |
 //! | POST | `/admin/reload` | reload the configuration file now |
@@ -25,6 +27,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::config::RolloutSpec;
+use crate::rollout::{Phase, Rollout};
 use crate::routing::{clock, strip_port, Backend, HostMatch, Member, StickyKey};
 use crate::shared::Shared;
 
@@ -62,6 +66,10 @@ impl Admin {
             ["admin", "config"] => get(&|| ok(self.config())),
             ["admin", "config", "status"] => get(&|| ok(json!(self.shared.reload_status()))),
             ["admin", "reload"] => allow(method, &Method::POST, &|| self.reload()),
+            ["admin", "routes", name, "rollout"] => get(&|| self.rollout(name)),
+            ["admin", "routes", name, "rollout", action] => {
+                allow(method, &Method::POST, &|| self.steer(name, action))
+            }
             ["admin", "backends", addr, action @ ("drain" | "undrain")] => {
                 if method != Method::POST {
                     return method_not_allowed("POST");
@@ -130,6 +138,57 @@ impl Admin {
             })
             .collect();
         json!({ "routes": routes })
+    }
+
+    /// `GET /admin/routes/{name}/rollout`: the rollout's phase, step,
+    /// weight and last windows, with its settings.
+    fn rollout(&self, name: &str) -> Reply {
+        let active = self.shared.active();
+        let Some(spec) = rollout_spec(&active.config, name) else {
+            return no_rollout(name);
+        };
+        let status = self.shared.rollout(name);
+        ok(json!({
+            "route": name,
+            "state": status.as_ref().map(|r| r.phase),
+            "step": status.as_ref().map(|r| r.step),
+            "weight": status.as_ref().map(|r| r.weight),
+            "failed_in_row": status.as_ref().map(|r| r.failed_in_row),
+            "windows_judged": status.as_ref().map(|r| r.windows_judged),
+            "windows": status.as_ref().map(|r| r.recent.clone()),
+            "settings": spec,
+        }))
+    }
+
+    /// `POST /admin/routes/{name}/rollout/{start|pause|resume|promote|abort}`.
+    fn steer(&self, name: &str, action: &str) -> Reply {
+        let active = self.shared.active();
+        let Some(spec) = rollout_spec(&active.config, name) else {
+            return no_rollout(name);
+        };
+        let change = |r: &mut Option<Rollout>| match (action, r.as_mut()) {
+            ("start", _) => *r = Some(Rollout::start(spec)),
+            ("pause", Some(r)) if r.phase.judging() => r.phase = Phase::Paused,
+            ("resume", Some(r)) if r.phase == Phase::Paused => r.phase = Phase::Progressing,
+            ("promote", Some(r)) => r.promote(spec),
+            ("abort", Some(r)) => {
+                r.weight = 0;
+                r.phase = Phase::RolledBack;
+            }
+            _ => {}
+        };
+        if !matches!(action, "start" | "pause" | "resume" | "promote" | "abort") {
+            let msg = "use start, pause, resume, promote or abort";
+            return json_error(StatusCode::NOT_FOUND, "not_found", msg);
+        }
+        if let Err(e) = self.shared.update_rollout(name, change) {
+            let msg = format!("could not persist the rollout: {e}");
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved", &msg);
+        }
+        let phase = self.shared.rollout(name).map(|r| r.phase.code());
+        self.shared.metrics.set_rollout_state(name, phase);
+        tracing::info!(target: "switchyard::rollout", route = name, decision = action, "rollout steered through the admin API");
+        self.rollout(name)
     }
 
     /// The effective configuration. The admin token is never serialized;
@@ -297,6 +356,20 @@ fn backend_json(b: &Backend, membership: Option<(&str, &Member)>) -> Value {
         "last_error": last_error,
         "report": report,
     })
+}
+
+fn rollout_spec<'c>(config: &'c crate::config::Config, name: &str) -> Option<&'c RolloutSpec> {
+    config
+        .routes
+        .iter()
+        .find(|r| r.name.as_deref() == Some(name))?
+        .rollout
+        .as_ref()
+}
+
+fn no_rollout(name: &str) -> Reply {
+    let msg = format!("no route '{name}' with a [routes.rollout] section");
+    json_error(StatusCode::NOT_FOUND, "not_found", &msg)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -43,6 +43,8 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload_success: Gauge,
     split_weight: IntGaugeVec,
+    rollout_state: IntGaugeVec,
+    rollout_checks: IntCounterVec,
     /// Connections closed at accept by `limits.max_connections`.
     pub connections_refused: IntCounter,
     /// Set at scrape time from the listener's count.
@@ -181,6 +183,23 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            rollout_state: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "switchyard_rollout_state",
+                        "Phase of the route's rollout: 0 progressing, 1 paused, 2 holding, 3 promoted, 4 rolled back.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
+            rollout_checks: counter_vec(
+                &r,
+                "switchyard_rollout_checks_total",
+                "Checks of rollout analysis windows, by check and result (pass, fail, inconclusive).",
+                &["route", "check", "result"],
+            ),
             split_weight: register(
                 &r,
                 IntGaugeVec::new(
@@ -246,6 +265,22 @@ impl Metrics {
                 .with_label_values(&[route, pool])
                 .set(i64::from(*w));
         }
+    }
+
+    /// Sets `switchyard_rollout_state`; `None` removes the route's series.
+    pub fn set_rollout_state(&self, route: &str, code: Option<i64>) {
+        match code {
+            Some(code) => self.rollout_state.with_label_values(&[route]).set(code),
+            None => {
+                let _ = self.rollout_state.remove_label_values(&[route]);
+            }
+        }
+    }
+
+    pub fn count_rollout_check(&self, route: &str, check: &str, result: &str) {
+        self.rollout_checks
+            .with_label_values(&[route, check, result])
+            .inc();
     }
 
     pub fn backend(&self, backend: &str) -> BackendMetrics {

@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::routing::{Backend, Pool, Registry, Router};
+use crate::rollout::Rollout;
+use crate::routing::{Backend, Overrides, Pool, Registry, RouteWindows, Router};
 use crate::state::{self, State};
 use crate::tls::{self, CertStore};
 
@@ -29,7 +30,12 @@ pub struct Active {
 }
 
 impl Active {
-    pub fn build(config: Config, registry: &Registry, metrics: &Metrics) -> Self {
+    pub fn build(
+        config: Config,
+        registry: &Registry,
+        metrics: &Metrics,
+        overrides: &Overrides,
+    ) -> Self {
         let ttl = config.health.report_ttl();
         let pools: BTreeMap<String, Arc<Pool>> = config
             .pools
@@ -39,7 +45,7 @@ impl Active {
                 (name.clone(), Arc::new(pool))
             })
             .collect();
-        let router = Router::build(&config.routes, &pools, metrics);
+        let router = Router::build(&config.routes, &pools, metrics, overrides);
         let backends = config
             .backend_addrs()
             .iter()
@@ -94,6 +100,10 @@ pub struct Shared {
     status: Mutex<ReloadStatus>,
     /// Serializes reloads and state-file writes.
     writer: Mutex<()>,
+    /// Rollouts by route name: they own their route's split.
+    rollouts: Mutex<BTreeMap<String, Rollout>>,
+    /// Each rollout route's traffic windows, kept across rebuilds.
+    windows: Mutex<BTreeMap<String, Arc<RouteWindows>>>,
     /// Set when a graceful upgrade or shutdown begins. Pingora drops idle
     /// keep-alive connections when it stops, racing any request a client
     /// sends on them; answering with `Connection: close` from then on moves
@@ -101,7 +111,7 @@ pub struct Shared {
     pub closing: AtomicBool,
 }
 
-fn unix_now() -> f64 {
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -111,7 +121,8 @@ impl Shared {
     /// Builds the shared state, re-applying drains from the state file.
     pub fn new(config: Config, config_path: PathBuf, certs: Arc<CertStore>) -> Arc<Self> {
         let registry = Registry::default();
-        registry.restore_drains(&state::load(&config.server.state_file).drained);
+        let saved = state::load(&config.server.state_file);
+        registry.restore_drains(&saved.drained);
         let metrics = Metrics::new();
         let status = ReloadStatus {
             last_attempt: 0.0,
@@ -121,7 +132,9 @@ impl Shared {
             active_hash: config.source_hash.clone(),
             active_since: unix_now(),
         };
-        let active = Active::build(config, &registry, &metrics);
+        let windows = Mutex::new(BTreeMap::new());
+        let overrides = overrides_for(&config, &saved.rollouts, &windows);
+        let active = Active::build(config, &registry, &metrics, &overrides);
         metrics.set_split_weights(&active.split_weights());
         metrics.mark_config_loaded();
         Arc::new(Self {
@@ -132,8 +145,68 @@ impl Shared {
             active: ArcSwap::from_pointee(active),
             status: Mutex::new(status),
             writer: Mutex::new(()),
+            rollouts: Mutex::new(saved.rollouts),
+            windows,
             closing: AtomicBool::new(false),
         })
+    }
+
+    /// The rollout of route `name`, if one runs.
+    pub fn rollout(&self, name: &str) -> Option<Rollout> {
+        self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Routes with a rollout running (or ended, kept until the section goes).
+    pub fn rollout_names(&self) -> Vec<String> {
+        let rollouts = self.rollouts.lock().expect("rollouts lock");
+        rollouts.keys().cloned().collect()
+    }
+
+    /// The traffic windows of route `name`'s rollout.
+    pub fn windows(&self, name: &str) -> Option<Arc<RouteWindows>> {
+        self.windows
+            .lock()
+            .expect("windows lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Changes route `name`'s rollout (`None`: it ends), persists it, and
+    /// rebuilds the routes when the canary's weight moved.
+    pub fn update_rollout(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Option<Rollout>),
+    ) -> std::io::Result<()> {
+        let _writer = self.writer.lock().expect("writer lock");
+        let mut rollouts = self.rollouts.lock().expect("rollouts lock");
+        let before = rollouts.get(name).map(|r| r.weight);
+        let mut entry = rollouts.remove(name);
+        change(&mut entry);
+        let after = entry.as_ref().map(|r| r.weight);
+        if let Some(rollout) = entry {
+            rollouts.insert(name.to_string(), rollout);
+        }
+        let saved = self.save_state(&rollouts);
+        if before != after {
+            let config = (*self.active().config).clone();
+            let overrides = overrides_for(&config, &rollouts, &self.windows);
+            drop(rollouts);
+            self.swap_in(config, &overrides);
+        }
+        saved
+    }
+
+    fn save_state(&self, rollouts: &BTreeMap<String, Rollout>) -> std::io::Result<()> {
+        let state = State {
+            drained: self.registry.drained(),
+            rollouts: rollouts.clone(),
+        };
+        state::save(&self.active().config.server.state_file, &state)
     }
 
     /// The configuration in effect now.
@@ -188,7 +261,10 @@ impl Shared {
         let old = self.active();
         warn_on_restart_only_changes(&old.config, &config);
         let known: HashSet<SocketAddr> = old.backends.iter().map(|b| b.addr).collect();
-        let active = Active::build(config, &self.registry, &self.metrics);
+        let rollouts = self.rollouts.lock().expect("rollouts lock");
+        let overrides = overrides_for(&config, &rollouts, &self.windows);
+        drop(rollouts);
+        let active = self.swap_in(config, &overrides);
         // A backend coming back into the configuration was not watched
         // meanwhile: it must pass `rise` checks again.
         for b in active.backends.iter().filter(|b| !known.contains(&b.addr)) {
@@ -196,8 +272,19 @@ impl Shared {
                 b.reset_health();
             }
         }
+    }
+
+    /// Builds the routes of `config` with `overrides` and puts them in effect.
+    fn swap_in(&self, config: Config, overrides: &Overrides) -> Arc<Active> {
+        let active = Arc::new(Active::build(
+            config,
+            &self.registry,
+            &self.metrics,
+            overrides,
+        ));
         self.metrics.set_split_weights(&active.split_weights());
-        self.active.store(Arc::new(active));
+        self.active.store(active.clone());
+        active
     }
 
     /// Drains (no new requests) or undrains `addr` and persists the set of
@@ -211,10 +298,7 @@ impl Shared {
         let Some(backend) = self.registry.set_drained(addr, on) else {
             return Ok(None);
         };
-        let state = State {
-            drained: self.registry.drained(),
-        };
-        state::save(&self.active().config.server.state_file, &state)?;
+        self.save_state(&self.rollouts.lock().expect("rollouts lock"))?;
         tracing::info!(backend = %backend.name, drained = on, "drain state changed");
         Ok(Some(backend))
     }
@@ -225,6 +309,41 @@ impl Shared {
             backend.publish_in_flight();
         }
     }
+}
+
+/// What the rollouts change in `config`'s routes: the weight of each
+/// rollout that runs on a route still configured for one, and windows for
+/// every such route (made on first sight, or anew when its pools change).
+fn overrides_for(
+    config: &Config,
+    rollouts: &BTreeMap<String, Rollout>,
+    windows: &Mutex<BTreeMap<String, Arc<RouteWindows>>>,
+) -> Overrides {
+    let mut windows = windows.lock().expect("windows lock");
+    let mut overrides = Overrides::default();
+    for route in &config.routes {
+        let (Some(name), Some(spec)) = (&route.name, &route.rollout) else {
+            continue;
+        };
+        let baseline = route
+            .effective_split()
+            .into_iter()
+            .map(|(pool, _)| pool)
+            .find(|pool| *pool != spec.canary)
+            .unwrap_or_default();
+        let fits = |w: &Arc<RouteWindows>| w.pools == [baseline.clone(), spec.canary.clone()];
+        if !windows.get(name).is_some_and(fits) {
+            let fresh = Arc::new(RouteWindows::new(&baseline, &spec.canary));
+            windows.insert(name.clone(), fresh);
+        }
+        overrides
+            .windows
+            .insert(name.clone(), windows[name].clone());
+        if let Some(rollout) = rollouts.get(name) {
+            overrides.weights.insert(name.clone(), rollout.weight);
+        }
+    }
+    overrides
 }
 
 /// Listeners and process settings are bound at start; say so instead of

@@ -1,4 +1,5 @@
-//! Runtime state that must outlive the process: drained backends. Written
+//! Runtime state that must outlive the process: drained backends and
+//! rollouts. Written
 //! atomically (temporary file, fsync, rename), so a crash leaves either
 //! the old or the new file, never half of one.
 
@@ -6,12 +7,19 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+use crate::rollout::Rollout;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct State {
     /// Addresses drained through the admin API.
     pub drained: Vec<SocketAddr>,
+    /// Rollouts by route name (absent in files written before them).
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, Rollout>,
 }
 
 /// Reads `path`; a missing file is an empty state. An unreadable one is
@@ -50,13 +58,17 @@ mod tests {
     fn round_trips_and_tolerates_missing_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/state.json");
-        assert_eq!(load(&path), State::default());
+        assert!(load(&path).drained.is_empty());
         let state = State {
             drained: vec!["127.0.0.1:9101".parse().expect("addr")],
+            rollouts: BTreeMap::new(),
         };
         save(&path, &state).expect("save");
-        assert_eq!(load(&path), state);
+        assert_eq!(load(&path).drained, state.drained);
+        // A file from before rollouts existed still loads.
+        std::fs::write(&path, r#"{"drained":["127.0.0.1:9101"]}"#).expect("write");
+        assert_eq!(load(&path).drained, state.drained);
         std::fs::write(&path, "{broken").expect("write");
-        assert_eq!(load(&path), State::default());
+        assert!(load(&path).drained.is_empty());
     }
 }

@@ -156,6 +156,36 @@ const CASES: &[Case] = &[
         message: "route needs 'pool' or 'split'",
     },
     Case {
+        name: "rollout canary outside the split",
+        edit: (
+            "pool = \"blue\"\n",
+            "name = \"r\"\nsplit = { blue = 100, green = 0 }\n[routes.rollout]\ncanary = \"red\"\nsteps = [5, 100]\n",
+        ),
+        key: "routes[0].rollout.canary",
+        line_of: "canary = \"red\"",
+        message: "is not a pool of this route's split",
+    },
+    Case {
+        name: "rollout steps not ending at 100",
+        edit: (
+            "pool = \"blue\"\n",
+            "name = \"r\"\nsplit = { blue = 100, green = 0 }\n[routes.rollout]\ncanary = \"green\"\nsteps = [5, 50]\n",
+        ),
+        key: "routes[0].rollout.steps",
+        line_of: "steps = [5, 50]",
+        message: "end at 100",
+    },
+    Case {
+        name: "rollout on an unnamed route",
+        edit: (
+            "pool = \"blue\"\n",
+            "split = { blue = 100, green = 0 }\n[routes.rollout]\ncanary = \"green\"\nsteps = [5, 100]\n",
+        ),
+        key: "routes[0].rollout",
+        line_of: "[routes.rollout]",
+        message: "needs a 'name'",
+    },
+    Case {
         name: "no routes",
         edit: ("[[routes]]\npath_prefix = \"/\"\npool = \"blue\"\n", ""),
         key: "",

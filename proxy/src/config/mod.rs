@@ -381,6 +381,70 @@ pub struct RouteSpec {
     /// When the drawn pool has no eligible backend, serve from another
     /// pool of the split. Default: on when the split has several pools.
     pub fallback: Option<bool>,
+    /// An automated canary rollout over this route's two-pool split.
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// `[routes.rollout]`: step the canary's weight up while each analysis
+/// window passes, roll back when `max_failed_checks` fail in a row.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The pool being rolled out; the split's other pool is the baseline.
+    pub canary: String,
+    /// Canary weight at each step, in percent, rising to 100.
+    pub steps: Vec<u32>,
+    /// One analysis window per check.
+    #[serde(with = "duration", default = "rollout_interval")]
+    pub interval: Duration,
+    /// Per arm per window; fewer makes the window inconclusive.
+    #[serde(default = "rollout_min_requests")]
+    pub min_requests: u64,
+    /// Failed windows in a row that roll back.
+    #[serde(default = "rollout_max_failed")]
+    pub max_failed_checks: u32,
+    /// Absolute ceiling of the canary's error rate.
+    #[serde(default = "rollout_max_error_rate")]
+    pub max_error_rate: f64,
+    /// Canary p99 over baseline p99.
+    #[serde(default = "rollout_max_latency_ratio")]
+    pub max_latency_ratio: f64,
+    /// One-sided significance of the statistical tests, over the rollout.
+    #[serde(default = "rollout_significance")]
+    pub significance: f64,
+    #[serde(default)]
+    pub rollback: Rollback,
+}
+
+/// How a failed rollout returns its traffic to the baseline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rollback {
+    /// Canary weight 0 at once.
+    #[default]
+    Immediate,
+    /// One step down per interval, so an autoscaled baseline is not hit by
+    /// all of the traffic at once.
+    Gradual,
+}
+
+fn rollout_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn rollout_min_requests() -> u64 {
+    100
+}
+fn rollout_max_failed() -> u32 {
+    2
+}
+fn rollout_max_error_rate() -> f64 {
+    0.01
+}
+fn rollout_max_latency_ratio() -> f64 {
+    1.5
+}
+fn rollout_significance() -> f64 {
+    0.01
 }
 
 /// Exactly one of `header` and `cookie`.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::error::Problem;
 use super::locate::KeyPath;
-use super::{Config, PoolSpec, RouteSpec, Sticky, MAX_HEADERS};
+use super::{Config, PoolSpec, RolloutSpec, RouteSpec, Sticky, MAX_HEADERS};
 use crate::tls::{self, KeyPairFile};
 
 /// Checks `config`, resolving relative paths against `base` and backend
@@ -323,6 +323,9 @@ impl Validator {
         if let Some(sticky) = &r.sticky {
             self.sticky(sticky, &path.key("sticky"));
         }
+        if let Some(rollout) = &r.rollout {
+            self.rollout(r, rollout, &path.key("rollout"));
+        }
         if let Some(force) = &r.force {
             let at = path.key("force");
             if http::HeaderName::from_bytes(force.header.as_bytes()).is_err() {
@@ -340,6 +343,48 @@ impl Validator {
             for (i, pool) in force.allow.iter().enumerate() {
                 self.pool_ref(c, pool, at.key("allow").index(i));
             }
+        }
+    }
+
+    fn rollout(&mut self, r: &RouteSpec, spec: &RolloutSpec, path: &KeyPath) {
+        if r.name.is_none() {
+            let msg = "a route with a rollout needs a 'name' (the admin API addresses it by name)";
+            self.fail(path.clone(), msg);
+        }
+        let split = r.effective_split();
+        if split.len() != 2 {
+            let msg = "a rollout needs a split of exactly two pools: the baseline and the canary";
+            self.fail(path.clone(), msg);
+        } else if !split.iter().any(|(pool, _)| *pool == spec.canary) {
+            let msg = format!(
+                "canary '{}' is not a pool of this route's split",
+                spec.canary
+            );
+            self.fail(path.key("canary"), msg);
+        }
+        let rising = spec.steps.windows(2).all(|w| w[0] < w[1]);
+        let in_range = spec.steps.iter().all(|s| (1..=100).contains(s));
+        if spec.steps.last() != Some(&100) || !rising || !in_range {
+            let msg = "steps must rise, each between 1 and 100, and end at 100";
+            self.fail(path.key("steps"), msg);
+        }
+        if spec.interval < std::time::Duration::from_millis(100) {
+            self.fail(path.key("interval"), "must be at least 100ms");
+        }
+        if spec.min_requests == 0 {
+            self.fail(path.key("min_requests"), "must be at least 1");
+        }
+        if spec.max_failed_checks == 0 {
+            self.fail(path.key("max_failed_checks"), "must be at least 1");
+        }
+        if !(spec.max_error_rate > 0.0 && spec.max_error_rate <= 1.0) {
+            self.fail(path.key("max_error_rate"), "must be above 0 and at most 1");
+        }
+        if !(1.0..=f64::MAX).contains(&spec.max_latency_ratio) {
+            self.fail(path.key("max_latency_ratio"), "must be at least 1");
+        }
+        if !(spec.significance > 0.0 && spec.significance < 0.5) {
+            self.fail(path.key("significance"), "must be above 0 and below 0.5");
         }
     }
 

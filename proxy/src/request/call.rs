@@ -13,7 +13,7 @@ use super::{headers, Head};
 use crate::codec::body::BodyLimits;
 use crate::codec::head::Known;
 use crate::config::Config;
-use crate::routing::{Lease, Pool};
+use crate::routing::{Lease, Pool, RouteWindows};
 use crate::shared::Active;
 
 pub struct Call<H> {
@@ -39,6 +39,8 @@ pub struct Call<H> {
     /// The client connection can carry another request after this one
     /// (HTTP/1.x; an h2 stream ignores it).
     pub keep: bool,
+    /// On a route under rollout: its windows and the arm of the pool.
+    pub arm: Option<(Arc<RouteWindows>, usize)>,
 }
 
 impl<H> Call<H> {
@@ -89,6 +91,7 @@ impl<H: Head> Call<H> {
             body_read: false,
             error: None,
             keep,
+            arm: None,
         }
     }
 
@@ -109,6 +112,10 @@ impl<H: Head> Call<H> {
             error: self.error.as_deref(),
         }
         .record(unrouted);
+        if let Some((windows, arm)) = &self.arm {
+            let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            windows.arms[*arm].record(self.status >= 500, ms);
+        }
         self.lease = None;
     }
 }

@@ -147,6 +147,10 @@ where
     };
     call.lease = Some(Lease::new(pool.members[first].backend.clone()));
     call.member = Some(first);
+    call.arm = route
+        .windows
+        .as_ref()
+        .and_then(|w| Some((w.clone(), w.arm(&pool.name)?)));
     call.pool = Some(pool);
     let Some(body) = read_body(front, call).await else {
         return;

@@ -49,7 +49,7 @@
 
 use std::f64::consts::SQRT_2;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One arm's traffic in one analysis window.
 #[derive(Debug, Clone, Default)]
@@ -99,7 +99,7 @@ impl Policy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Pass,

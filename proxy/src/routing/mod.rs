@@ -6,6 +6,7 @@ mod backend;
 mod pool;
 mod readiness;
 mod router;
+mod window;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ pub use router::{
     bucket_of, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split, SplitEntry,
     StickyKey, BUCKETS,
 };
+pub use window::{ArmTraffic, ArmWindow, Overrides, RouteWindows};
 
 use crate::metrics::Metrics;
 

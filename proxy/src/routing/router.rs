@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use prometheus::IntCounter;
 
-use super::{fastrand, Pool};
+use super::{fastrand, Overrides, Pool, RouteWindows};
 use crate::config::{RouteSpec, Sticky};
 use crate::metrics::Metrics;
 
@@ -127,6 +127,8 @@ pub struct Route {
     pub sticky: Option<StickyKey>,
     pub force: Option<ForceRule>,
     pub fallback: Option<Fallback>,
+    /// The traffic windows of a route under rollout.
+    pub windows: Option<Arc<RouteWindows>>,
 }
 
 /// The other pools of a split, tried when the drawn pool has no eligible
@@ -255,27 +257,29 @@ impl Router {
         specs: &[RouteSpec],
         pools: &BTreeMap<String, Arc<Pool>>,
         metrics: &Metrics,
+        overrides: &Overrides,
     ) -> Self {
         let mut routes: Vec<Route> = specs
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                let weights: Vec<(Arc<Pool>, u32)> = spec
-                    .effective_split()
-                    .into_iter()
-                    .map(|(name, w)| (pools[&name].clone(), w))
-                    .collect();
                 let name = spec.label(i);
+                let weights: Vec<(Arc<Pool>, u32)> = effective_split(spec, &name, overrides)
+                    .into_iter()
+                    .map(|(pool, w)| (pools[&pool].clone(), w))
+                    .collect();
                 let split = Split::new(&weights);
                 let fallback = spec
                     .falls_back()
                     .then(|| Fallback::new(&name, &split, metrics));
+                let windows = overrides.windows.get(&name).cloned();
                 Route {
                     name,
                     host: HostMatch::parse(spec.host.as_deref()),
                     path_prefix: spec.path_prefix.clone(),
                     split,
                     fallback,
+                    windows,
                     sticky: spec.sticky.as_ref().map(sticky_key),
                     force: spec.force.as_ref().map(|f| ForceRule {
                         header: HeaderName::from_bytes(f.header.as_bytes())
@@ -302,6 +306,26 @@ impl Router {
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
+}
+
+/// The file's split, or, while a rollout owns the route, its canary
+/// weight against the rest for the baseline.
+fn effective_split(spec: &RouteSpec, name: &str, overrides: &Overrides) -> Vec<(String, u32)> {
+    let split = spec.effective_split();
+    let (Some(rollout), Some(weight)) = (&spec.rollout, overrides.weights.get(name)) else {
+        return split;
+    };
+    split
+        .into_iter()
+        .map(|(pool, _)| {
+            let w = if pool == rollout.canary {
+                *weight
+            } else {
+                100 - weight
+            };
+            (pool, w)
+        })
+        .collect()
 }
 
 fn sticky_key(s: &Sticky) -> StickyKey {

@@ -477,14 +477,20 @@ impl Load {
         Load { stop, handle }
     }
 
-    /// Stops the clients and asserts that every request succeeded.
-    pub async fn finish(self) -> usize {
+    /// Stops the clients: requests sent, and what each failed one got.
+    pub async fn stop(self) -> (usize, Vec<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let (sent, failures) = tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("load stops")
             .expect("load task");
         assert!(sent > 20, "the load ran ({sent} requests)");
+        (sent, failures)
+    }
+
+    /// Stops the clients and asserts that every request succeeded.
+    pub async fn finish(self) -> usize {
+        let (sent, failures) = self.stop().await;
         assert!(
             failures.is_empty(),
             "{} of {sent} requests failed: {failures:?}",

@@ -1,0 +1,196 @@
+//! Automated canary rollouts against real upstreams: a healthy canary is
+//! promoted through every step, a failing one is rolled back, a trickle of
+//! traffic holds, a graceful upgrade resumes at the same step, and the
+//! admin API steers a rollout.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pool, Load, Proto, Proxy, Upstream};
+use serde_json::Value;
+
+/// Blue is the baseline, green the canary; fast windows so tests converge
+/// in seconds; passive ejection off, so a failing canary keeps its traffic
+/// and is judged on it.
+fn rollout_config(blue: &Upstream, green: &Upstream, rollout: &str) -> String {
+    pool("blue", &[(blue.addr, 1)])
+        + &pool("green", &[(green.addr, 1)])
+        + "[passive]\nfailures = 0\n"
+        + "[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nsplit = { blue = 100, green = 0 }\n"
+        + "[routes.rollout]\ncanary = \"green\"\nsteps = [20, 50, 100]\n"
+        + rollout
+}
+
+/// Both upstreams (with `delay_ms` per request) and the proxy.
+async fn setup(delay_ms: u64, rollout: &str) -> (Upstream, Upstream, Proxy) {
+    let blue = Upstream::start("blue", delay_ms).await;
+    let green = Upstream::start("green", delay_ms).await;
+    let proxy = Proxy::start(&rollout_config(&blue, &green, rollout)).await;
+    (blue, green, proxy)
+}
+
+async fn status(proxy: &Proxy) -> Value {
+    let (code, body) = proxy.admin("GET", "/admin/routes/default/rollout").await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// Polls the rollout until `done` holds, returning the statuses seen.
+async fn until(proxy: &Proxy, limit: Duration, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while started.elapsed() < limit {
+        let now = status(proxy).await;
+        let finished = done(&now);
+        seen.push(now);
+        if finished {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "rollout never got there: {:#}",
+        seen.last().unwrap_or(&Value::Null)
+    );
+}
+
+/// `POST .../rollout/{action}`: the state and weight it answers.
+async fn steer(proxy: &Proxy, action: &str) -> (Value, Value) {
+    let path = format!("/admin/routes/default/rollout/{action}");
+    let (code, body) = proxy.admin("POST", &path).await;
+    assert_eq!(code, 200, "{body}");
+    (body["state"].clone(), body["weight"].clone())
+}
+
+fn weights(seen: &[Value]) -> Vec<u64> {
+    let mut out: Vec<u64> = seen.iter().filter_map(|s| s["weight"].as_u64()).collect();
+    out.dedup();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_healthy_canary_is_promoted_through_every_step() {
+    let (blue, green, proxy) = setup(1, "interval = \"500ms\"\nmin_requests = 20\n").await;
+    let load = Load::over(&proxy, Proto::H2, 4);
+
+    let seen = until(&proxy, Duration::from_secs(15), |s| {
+        s["state"] == "promoted"
+    })
+    .await;
+    assert_eq!(weights(&seen), [20, 50, 100]);
+    let (_, routes) = proxy.admin("GET", "/admin/routes").await;
+    let split = &routes["routes"][0]["split"];
+    let green_weight = split
+        .as_array()
+        .and_then(|s| s.iter().find(|e| e["pool"] == "green"))
+        .map(|e| e["weight"].clone());
+    assert_eq!(green_weight, Some(100.into()), "{routes}");
+    load.finish().await; // asserts that no request failed
+    assert!(blue.control.requests() > 0 && green.control.requests() > 0);
+    let last = &seen.last().expect("a status")["windows"];
+    assert!(
+        last.as_array()
+            .is_some_and(|w| w.iter().all(|w| w["outcome"] == "pass")),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_canary_is_rolled_back() {
+    let (_blue, green, proxy) = setup(1, "interval = \"500ms\"\nmin_requests = 20\n").await;
+    green.control.set(&green.control.failing, true);
+    let load = Load::over(&proxy, Proto::H2, 4);
+
+    let started = std::time::Instant::now();
+    let seen = until(&proxy, Duration::from_secs(10), |s| {
+        s["state"] == "rolled_back"
+    })
+    .await;
+    // Two failed windows roll back: within 2 intervals, plus one for the
+    // window in progress and slack for a loaded machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(seen.last().expect("a status")["weight"], 0);
+    assert_eq!(
+        weights(&seen),
+        [20, 0],
+        "never promoted past the first step"
+    );
+    let (sent, failed) = load.stop().await;
+    assert!(failed.iter().all(|f| f == "status 500"), "{failed:?}");
+    assert!(
+        failed.len() as u64 <= green.control.requests(),
+        "only canary requests failed"
+    );
+    // The blast radius: the canary's share while it lasted.
+    println!("blast radius: {} of {sent} requests failed", failed.len());
+    // After the rollback the canary gets nothing.
+    let before = green.control.requests();
+    let via = proxy.via(Proto::H2);
+    for _ in 0..20 {
+        assert_eq!(via.send(via.get("/")).await.status(), 200);
+    }
+    assert_eq!(green.control.requests(), before);
+    let scrape = proxy.metrics().await;
+    assert!(
+        scrape.contains("switchyard_rollout_state{route=\"default\"} 4"),
+        "{scrape}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trickle_holds_and_never_promotes() {
+    let (blue, green, proxy) = setup(0, "interval = \"300ms\"\nmin_requests = 1000\n").await;
+    let via = proxy.via(Proto::H2);
+    for _ in 0..30 {
+        assert_eq!(via.send(via.get("/")).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(blue.control.requests() + green.control.requests(), 30);
+    let now = status(&proxy).await;
+    assert_eq!(now["state"], "holding", "{now}");
+    assert_eq!(now["weight"], 20);
+    assert!(
+        now["windows_judged"].as_u64().is_some_and(|n| n >= 2),
+        "{now}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_mid_rollout_resumes_at_the_same_step_and_the_api_steers_it() {
+    let (_blue, _green, mut proxy) = setup(1, "interval = \"700ms\"\nmin_requests = 20\n").await;
+    let load = Load::over(&proxy, Proto::H2, 4);
+    until(&proxy, Duration::from_secs(10), |s| s["weight"] == 50).await;
+    assert_eq!(steer(&proxy, "pause").await, ("paused".into(), 50.into()));
+
+    proxy.upgrade().await;
+    proxy.wait_retired(Duration::from_secs(10)).await;
+    let resumed = status(&proxy).await;
+    assert_eq!(
+        (&resumed["state"], &resumed["weight"]),
+        (&"paused".into(), &50.into())
+    );
+    // Paused: the weight holds over several intervals.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(status(&proxy).await["weight"], 50);
+
+    assert_eq!(
+        steer(&proxy, "abort").await,
+        ("rolled_back".into(), 0.into())
+    );
+    assert_eq!(
+        steer(&proxy, "promote").await,
+        ("promoted".into(), 100.into())
+    );
+    let (code, _) = proxy
+        .admin("POST", "/admin/routes/default/rollout/launch")
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = proxy.admin("GET", "/admin/routes/nope/rollout").await;
+    assert_eq!(code, 404);
+    load.finish().await; // asserts that no request failed across the upgrade
+}
