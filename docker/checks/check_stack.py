@@ -38,6 +38,9 @@ PROXY_COUNTERS_GAUGES = {
     "switchyard_config_reloads_total",
     "switchyard_config_last_reload_success_timestamp_seconds",
     "switchyard_route_split_weight",
+    "switchyard_pool_fallbacks_total",
+    "switchyard_rollout_state",
+    "switchyard_rollout_checks_total",
 }
 PROXY_HISTOGRAMS = {"switchyard_request_duration_seconds"}
 BACKEND_COUNTERS_GAUGES = {

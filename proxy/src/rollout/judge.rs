@@ -632,6 +632,70 @@ mod tests {
         assert!(fails as f64 <= limit, "{fails} A/A failures > {limit}");
     }
 
+    /// Whole rollouts of identical arms through the states of
+    /// `status::Rollout`, with the controller's looks: 2,000 requests a
+    /// window split by the canary's weight, 0.2 % errors, log-normal
+    /// durations. The issue's goal is at most 1 false rollback in 20.
+    #[test]
+    fn a_a_rollouts_rarely_roll_back() {
+        use crate::config::{Rollback, RolloutSpec};
+        use crate::rollout::status::{Phase, Rollout, WindowRecord};
+        let spec = RolloutSpec {
+            canary: "green".into(),
+            steps: vec![5, 25, 50, 100],
+            interval: std::time::Duration::from_secs(30),
+            min_requests: 100,
+            max_failed_checks: 2,
+            max_error_rate: 0.01,
+            max_latency_ratio: 1.5,
+            significance: 0.01,
+            rollback: Rollback::Immediate,
+        };
+        let policy = Policy {
+            min_requests: spec.min_requests,
+            max_error_rate: spec.max_error_rate,
+            max_latency_ratio: spec.max_latency_ratio,
+            significance: spec.significance,
+            looks: 4 * spec.steps.len() as u32,
+        };
+        let (rollouts, mut rolled_back, mut failed_windows) = (200, 0, 0);
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..rollouts {
+            let mut rollout = Rollout::start(&spec);
+            for _ in 0..40 {
+                if !rollout.phase.judging() {
+                    break;
+                }
+                let canary_n = 2000 * u64::from(rollout.weight) / 100;
+                let baseline = arm(&mut rng, 2000 - canary_n, 0.002, 50.0);
+                let canary = arm(&mut rng, canary_n, 0.002, 50.0);
+                let outcome = judge(&baseline, &canary, &policy).outcome;
+                failed_windows += usize::from(outcome == Outcome::Fail);
+                let record = WindowRecord {
+                    at: 0.0,
+                    weight: rollout.weight,
+                    baseline_requests: baseline.requests,
+                    baseline_errors: baseline.errors,
+                    canary_requests: canary.requests,
+                    canary_errors: canary.errors,
+                    outcome,
+                    checks: Vec::new(),
+                };
+                rollout.after_window(&spec, record);
+            }
+            rolled_back += usize::from(rollout.phase == Phase::RolledBack);
+        }
+        println!(
+            "A/A rollouts: {rolled_back} of {rollouts} rolled back, \
+             {failed_windows} failed windows"
+        );
+        // 1 in 20 is 10 in 200.
+        assert!(
+            rolled_back <= rollouts / 20,
+            "{rolled_back} false rollbacks"
+        );
+    }
+
     #[test]
     fn five_percent_errors_against_half_a_percent_fail() {
         let verdict = judge(&counts(500, 3), &counts(500, 25), &policy(10));
