@@ -194,3 +194,25 @@ async fn an_upgrade_mid_rollout_resumes_at_the_same_step_and_the_api_steers_it()
     assert_eq!(code, 404);
     load.finish().await; // asserts that no request failed across the upgrade
 }
+
+/// A canary that never becomes ready gets no traffic (its requests fall
+/// back to the baseline) and fails the readiness check: rolled back, with
+/// no request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_that_is_never_ready_is_rolled_back_without_failing_requests() {
+    let (_blue, green, proxy) = setup(1, "interval = \"500ms\"\nmin_requests = 20\n").await;
+    green.control.set(&green.control.not_ready, true);
+    let load = Load::over(&proxy, Proto::H2, 4);
+    let seen = until(&proxy, Duration::from_secs(10), |s| {
+        s["state"] == "rolled_back"
+    })
+    .await;
+    let windows = &seen.last().expect("a status")["windows"];
+    let readiness_failed = windows.as_array().is_some_and(|w| {
+        w.iter()
+            .flat_map(|w| w["checks"].as_array().into_iter().flatten())
+            .any(|c| c.as_str().is_some_and(|c| c.starts_with("readiness Fail")))
+    });
+    assert!(readiness_failed, "{windows}");
+    load.finish().await; // asserts that no request failed
+}

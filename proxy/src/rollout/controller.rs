@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::judge::{self, Arm, Outcome, Policy};
 use super::status::{Phase, Rollout, WindowRecord};
 use crate::config::{Rollback, RolloutSpec};
-use crate::routing::ArmTraffic;
+use crate::routing::{ArmTraffic, Pool};
 use crate::shared::Shared;
 
 /// How often the loop looks for windows that are due.
@@ -32,6 +32,37 @@ pub struct Controller {
     shared: Arc<Shared>,
 }
 
+/// What each arm's backends reported over a window, sampled every tick:
+/// readiness flaps and queue depth, for the judge's report checks.
+#[derive(Default, Clone, Copy)]
+struct Reports {
+    checks: u32,
+    not_ready: u32,
+    queue_depth_sum: u64,
+}
+
+impl Reports {
+    fn sample(&mut self, pool: &Pool) {
+        for member in &pool.members {
+            let backend = &member.backend;
+            self.checks += 1;
+            self.not_ready += u32::from(!backend.is_ready());
+            self.queue_depth_sum += u64::from(backend.queue_depth());
+        }
+    }
+
+    fn queue_depth_mean(&self) -> f64 {
+        self.queue_depth_sum as f64 / f64::from(self.checks.max(1))
+    }
+}
+
+/// Per route under rollout: when its next window is due, and the reports
+/// of its two arms so far.
+struct Tracked {
+    due: Instant,
+    reports: [Reports; 2],
+}
+
 impl Controller {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
@@ -39,7 +70,7 @@ impl Controller {
 
     /// Starts rollouts whose section appeared, judges the windows that are
     /// due, and ends rollouts whose section went.
-    fn round(&self, due: &mut HashMap<String, Instant>) {
+    fn round(&self, tracked: &mut HashMap<String, Tracked>) {
         let active = self.shared.active();
         let now = Instant::now();
         let mut live = HashSet::new();
@@ -48,18 +79,29 @@ impl Controller {
                 continue;
             };
             live.insert(name.clone());
-            let at = due.entry(name.clone()).or_insert(now + spec.interval);
+            let track = tracked.entry(name.clone()).or_insert(Tracked {
+                due: now + spec.interval,
+                reports: Default::default(),
+            });
+            if let Some(windows) = self.shared.windows(name) {
+                for (reports, pool) in track.reports.iter_mut().zip(&windows.pools) {
+                    if let Some(pool) = active.pools.get(pool) {
+                        reports.sample(pool);
+                    }
+                }
+            }
             let Some(rollout) = self.shared.rollout(name) else {
                 self.change(name, "started", |r| *r = Some(Rollout::start(spec)));
-                *at = now + spec.interval;
+                track.due = now + spec.interval;
                 continue;
             };
-            if now >= *at {
-                *at = now + spec.interval;
-                self.window(name, spec, &rollout);
+            if now >= track.due {
+                track.due = now + spec.interval;
+                let reports = std::mem::take(&mut track.reports);
+                self.window(name, spec, &rollout, reports);
             }
         }
-        due.retain(|name, _| live.contains(name));
+        tracked.retain(|name, _| live.contains(name));
         for name in self.shared.rollout_names() {
             if !live.contains(&name) {
                 self.change(&name, "ended: its section is gone", |r| *r = None);
@@ -69,7 +111,7 @@ impl Controller {
 
     /// One window of route `name`: judged while the rollout progresses or
     /// holds; a gradual rollback steps down once per window.
-    fn window(&self, name: &str, spec: &RolloutSpec, rollout: &Rollout) {
+    fn window(&self, name: &str, spec: &RolloutSpec, rollout: &Rollout, reports: [Reports; 2]) {
         let Some(windows) = self.shared.windows(name) else {
             return;
         };
@@ -93,7 +135,11 @@ impl Controller {
             significance: spec.significance,
             looks: LOOKS_PER_STEP * spec.steps.len() as u32,
         };
-        let verdict = judge::judge(&arm(&baseline), &arm(&canary), &policy);
+        let verdict = judge::judge(
+            &arm(&baseline, &reports[0]),
+            &arm(&canary, &reports[1]),
+            &policy,
+        );
         for check in &verdict.checks {
             let result = outcome_name(check.outcome);
             self.shared
@@ -141,12 +187,14 @@ impl Controller {
     }
 }
 
-fn arm(traffic: &ArmTraffic) -> Arm {
+fn arm(traffic: &ArmTraffic, reports: &Reports) -> Arm {
     Arm {
         requests: traffic.requests,
         errors: traffic.errors,
         durations_ms: traffic.durations_ms.clone(),
-        ..Arm::default()
+        readiness_checks: reports.checks,
+        not_ready_checks: reports.not_ready,
+        queue_depth_mean: reports.queue_depth_mean(),
     }
 }
 
@@ -161,11 +209,11 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 #[async_trait]
 impl BackgroundService for Controller {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut due = HashMap::new();
+        let mut tracked = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.round(&mut due),
+                _ = tick.tick() => self.round(&mut tracked),
                 _ = shutdown.changed() => return,
             }
         }

@@ -164,6 +164,11 @@ impl Backend {
     }
 
     /// Records the queue depth of a fresh readiness report.
+    /// Queue depth of the latest readiness report.
+    pub fn queue_depth(&self) -> u32 {
+        self.queue_depth.load(Relaxed)
+    }
+
     pub fn set_queue_depth(&self, depth: u32, now_ms: u64) {
         self.queue_depth.store(depth, Relaxed);
         self.report_at_ms.store(now_ms.max(1), Relaxed);
