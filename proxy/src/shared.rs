@@ -331,9 +331,12 @@ fn overrides_for(
             .map(|(pool, _)| pool)
             .find(|pool| *pool != spec.canary)
             .unwrap_or_default();
-        let fits = |w: &Arc<RouteWindows>| w.pools == [baseline.clone(), spec.canary.clone()];
+        let compare = spec.compare.as_ref().map(|c| (c.sample, c.min_cosine));
+        let fits = |w: &Arc<RouteWindows>| {
+            w.pools == [baseline.clone(), spec.canary.clone()] && w.compare == compare
+        };
         if !windows.get(name).is_some_and(fits) {
-            let fresh = Arc::new(RouteWindows::new(&baseline, &spec.canary));
+            let fresh = Arc::new(RouteWindows::new(&baseline, &spec.canary, compare));
             windows.insert(name.clone(), fresh);
         }
         overrides

@@ -63,6 +63,16 @@ async fn steer(proxy: &Proxy, action: &str) -> (Value, Value) {
     (body["state"].clone(), body["weight"].clone())
 }
 
+/// Whether check `name` failed in one of the status's recent windows.
+fn failed_check(status: &Value, name: &str) -> bool {
+    let failed = format!("{name} Fail");
+    status["windows"].as_array().is_some_and(|w| {
+        w.iter()
+            .flat_map(|w| w["checks"].as_array().into_iter().flatten())
+            .any(|c| c.as_str().is_some_and(|c| c.starts_with(&failed)))
+    })
+}
+
 fn weights(seen: &[Value]) -> Vec<u64> {
     let mut out: Vec<u64> = seen.iter().filter_map(|s| s["weight"].as_u64()).collect();
     out.dedup();
@@ -207,12 +217,35 @@ async fn a_canary_that_is_never_ready_is_rolled_back_without_failing_requests() 
         s["state"] == "rolled_back"
     })
     .await;
-    let windows = &seen.last().expect("a status")["windows"];
-    let readiness_failed = windows.as_array().is_some_and(|w| {
-        w.iter()
-            .flat_map(|w| w["checks"].as_array().into_iter().flatten())
-            .any(|c| c.as_str().is_some_and(|c| c.starts_with("readiness Fail")))
-    });
-    assert!(readiness_failed, "{windows}");
+    let last = seen.last().expect("a status");
+    assert!(failed_check(last, "readiness"), "{last:#}");
     load.finish().await; // asserts that no request failed
+}
+
+/// Output agreement: a canary that answers 200s at normal latency with
+/// other vectors (another pooling, say) fails on the mirrored pairs and is
+/// rolled back; the same vectors on both arms promote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_with_other_vectors_fails_on_agreement() {
+    for (green_vector, want) in [
+        (vec![0.9, 0.436, 0.0], "rolled_back"),
+        (vec![1.0, 0.0, 0.0], "promoted"),
+    ] {
+        let compare = "compare = { sample = 0.2, min_cosine = 0.999 }\n";
+        let settings = format!("interval = \"500ms\"\nmin_requests = 20\n{compare}");
+        let (blue, green, proxy) = setup(1, &settings).await;
+        *blue.control.embedding.lock().expect("lock") = Some(vec![1.0, 0.0, 0.0]);
+        *green.control.embedding.lock().expect("lock") = Some(green_vector);
+        let load = Load::over(&proxy, Proto::H2, 4);
+        let seen = until(&proxy, Duration::from_secs(10), |s| {
+            s["state"] == "rolled_back" || s["state"] == "promoted"
+        })
+        .await;
+        let last = seen.last().expect("a status");
+        assert_eq!(last["state"], want, "{last:#}");
+        load.finish().await; // the client never sees a mirror's answer
+        if want == "rolled_back" {
+            assert!(failed_check(last, "agreement"), "{last:#}");
+        }
+    }
 }

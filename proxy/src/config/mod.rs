@@ -414,6 +414,20 @@ pub struct RolloutSpec {
     pub significance: f64,
     #[serde(default)]
     pub rollback: Rollback,
+    /// Output agreement: mirror a sampled share of the route's requests to
+    /// the other arm and compare the two answers' embeddings.
+    pub compare: Option<CompareSpec>,
+}
+
+/// `compare = { sample = 0.01, min_cosine = 0.999 }`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompareSpec {
+    /// Share of the route's requests mirrored, in (0, 1].
+    pub sample: f64,
+    /// A pair of answers whose embeddings' cosine falls below this fails
+    /// the window.
+    pub min_cosine: f64,
 }
 
 /// How a failed rollout returns its traffic to the baseline.

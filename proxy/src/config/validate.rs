@@ -386,6 +386,15 @@ impl Validator {
         if !(spec.significance > 0.0 && spec.significance < 0.5) {
             self.fail(path.key("significance"), "must be above 0 and below 0.5");
         }
+        if let Some(compare) = &spec.compare {
+            let at = path.key("compare");
+            if !(compare.sample > 0.0 && compare.sample <= 1.0) {
+                self.fail(at.key("sample"), "must be above 0 and at most 1");
+            }
+            if !(compare.min_cosine > 0.0 && compare.min_cosine <= 1.0) {
+                self.fail(at.key("min_cosine"), "must be above 0 and at most 1");
+            }
+        }
     }
 
     fn sticky(&mut self, s: &Sticky, path: &KeyPath) {

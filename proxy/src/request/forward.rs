@@ -5,6 +5,7 @@
 use super::answer::{self, Refusal};
 use super::attempt::{attempt, Failure};
 use super::headers::Wire;
+use super::mirror;
 use super::{Call, Front, Head as _};
 use crate::codec::body::RelayError;
 use crate::codec::head::ResponseHead;
@@ -16,7 +17,7 @@ use crate::upstream::Conn;
 pub async fn forward<F: Front>(
     front: &mut F,
     call: &mut Call<F::Head>,
-    wire: &Wire,
+    wire: Wire,
     replayable: bool,
 ) where
     F::Head: Send + Sync,
@@ -34,7 +35,7 @@ pub async fn forward<F: Front>(
         let head_request = call.head.is_head();
         let tried = attempt(
             &backend,
-            wire,
+            &wire,
             &config.timeouts,
             left,
             head_request,
@@ -50,7 +51,7 @@ pub async fn forward<F: Front>(
                 let retry_after = resp.fields.get("retry-after").is_some();
                 record_answer(&backend, config, resp.status, retry_after);
                 if !(resp.status == 503 && may_retry(call, &pool, replayable)) {
-                    return relay(front, call, conn, resp).await;
+                    return relay(front, call, conn, resp, wire).await;
                 }
             }
             Err((failure, reused)) => {
@@ -147,15 +148,24 @@ pub async fn relay<F: Front>(
     call: &mut Call<F::Head>,
     mut conn: Conn,
     resp: ResponseHead,
+    wire: Wire,
 ) where
     F::Head: Send + Sync,
 {
     call.keep &= !front.closing();
     call.status = resp.status;
     let config = call.active.config.clone();
+    let mirror = mirror::choose(call.arm.as_ref(), &resp, &wire);
+    let answer = match &mirror {
+        Some(_) => mirror::read_answer(&mut conn, &resp, config.timeouts.read).await,
+        None => None,
+    };
     match front.relay(call, &mut conn, &resp).await {
         Ok(done) => {
             call.bytes_out = done.bytes_out;
+            if let (Some(mirror), Some(answer)) = (mirror, answer) {
+                mirror.spawn(call.active.clone(), wire, answer);
+            }
             if conn.reusable && resp.keep_alive() && conn.buf.is_empty() {
                 let backend = call.lease.as_ref().expect("leased").backend();
                 backend.idle.put(conn, config.timeouts.upstream_idle);

@@ -83,6 +83,7 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 /// A request as written to a backend: the head, with a small body inline
 /// so that one write carries both, or a large body apart so that it is
 /// never copied.
+#[derive(Clone)]
 pub struct Wire {
     pub head: Vec<u8>,
     pub body: Bytes,

@@ -16,6 +16,7 @@ mod call;
 mod forward;
 pub mod headers;
 mod log;
+mod mirror;
 
 pub use answer::{refuse_head, respond, Refusal, Reply};
 pub use call::Call;
@@ -157,7 +158,7 @@ where
     };
     let wire = headers::upstream_request(call, body.bytes, front.client(), front.tls());
     let replayable = wire.body_len() <= active.config.retry.buffer_body_max;
-    forward::forward(front, call, &wire, replayable).await;
+    forward::forward(front, call, wire, replayable).await;
 }
 
 /// Limits a head must meet before anything else is done for it. The

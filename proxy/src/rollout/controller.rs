@@ -116,6 +116,7 @@ impl Controller {
             return;
         };
         let [baseline, canary] = [windows.arms[0].take(), windows.arms[1].take()];
+        let agreement = windows.take_agreement();
         let gradual = spec.rollback == Rollback::Gradual;
         if rollout.phase == Phase::RolledBack && gradual && rollout.weight > 0 {
             self.change(name, "stepped down", |r| {
@@ -134,10 +135,16 @@ impl Controller {
             max_latency_ratio: spec.max_latency_ratio,
             significance: spec.significance,
             looks: LOOKS_PER_STEP * spec.steps.len() as u32,
+            min_cosine: spec.compare.as_ref().map(|c| c.min_cosine),
         };
         let verdict = judge::judge(
             &arm(&baseline, &reports[0]),
-            &arm(&canary, &reports[1]),
+            &Arm {
+                agreement_pairs: agreement.pairs,
+                agreement_below: agreement.below,
+                agreement_min: agreement.min,
+                ..arm(&canary, &reports[1])
+            },
             &policy,
         );
         for check in &verdict.checks {
@@ -195,6 +202,7 @@ fn arm(traffic: &ArmTraffic, reports: &Reports) -> Arm {
         readiness_checks: reports.checks,
         not_ready_checks: reports.not_ready,
         queue_depth_mean: reports.queue_depth_mean(),
+        ..Arm::default()
     }
 }
 

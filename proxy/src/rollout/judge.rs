@@ -66,6 +66,11 @@ pub struct Arm {
     pub not_ready_checks: u32,
     /// Mean reported queue depth over the window (0 when no reports).
     pub queue_depth_mean: f64,
+    /// Output agreement (canary arm only): mirrored pairs compared, how
+    /// many fell below `Policy::min_cosine`, and the lowest cosine seen.
+    pub agreement_pairs: u32,
+    pub agreement_below: u32,
+    pub agreement_min: f64,
 }
 
 /// What a window is judged against.
@@ -84,6 +89,8 @@ pub struct Policy {
     /// How many windows a rollout may judge: the number of looks the
     /// significance is shared between.
     pub looks: u32,
+    /// Output agreement's bound, when the rollout compares answers.
+    pub min_cosine: Option<f64>,
 }
 
 impl Policy {
@@ -170,6 +177,7 @@ pub fn judge(baseline: &Arm, canary: &Arm, policy: &Policy) -> Verdict {
         latency_shift(&window),
         readiness(&window),
         queue_depth(&window),
+        agreement(&window),
     ];
     let has = |o| checks.iter().any(|c| c.outcome == o);
     let outcome = if has(Outcome::Fail) {
@@ -393,6 +401,26 @@ fn queue_depth(w: &Window) -> Check {
     }
 }
 
+/// Output agreement: one mirrored pair whose embeddings disagree past
+/// `min_cosine` fails the window (the same model answers the same input
+/// with a cosine of 1 to about 1e-6). No pair sampled is no evidence
+/// against the canary; the traffic checks still need theirs.
+fn agreement(w: &Window) -> Check {
+    let c = w.canary;
+    let bound = w.policy.min_cosine.unwrap_or(0.0);
+    let checked = w.policy.min_cosine.is_some() && c.agreement_pairs > 0;
+    Check {
+        name: "agreement",
+        outcome: outcome(checked && c.agreement_below > 0),
+        value: if checked { c.agreement_min } else { 1.0 },
+        bound,
+        detail: format!(
+            "{} of {} mirrored pairs below cosine {bound}, lowest {:.6}",
+            c.agreement_below, c.agreement_pairs, c.agreement_min
+        ),
+    }
+}
+
 /// P(Z > z) for a standard normal Z. libm's `erfc` (the fdlibm algorithm)
 /// is accurate to under one unit in the last place, far below what an
 /// α of 1e-4 needs.
@@ -533,7 +561,30 @@ mod tests {
             readiness_checks: 10,
             not_ready_checks: (0..10).filter(|_| rng.bernoulli(0.01)).count() as u32,
             queue_depth_mean: 2.0 + 2.0 * rng.uniform(),
+            ..Arm::default()
         }
+    }
+
+    #[test]
+    fn one_disagreeing_pair_fails_the_window_and_none_sampled_does_not() {
+        let base = arm(&mut XorShift(11), 1000, 0.01, 50.0);
+        let compared = |pairs, below, min_cosine| {
+            let canary = Arm {
+                agreement_pairs: pairs,
+                agreement_below: below,
+                agreement_min: if below > 0 { 0.93 } else { 0.999_999 },
+                ..base.clone()
+            };
+            let policy = Policy {
+                min_cosine,
+                ..policy(1)
+            };
+            outcome_of("agreement", &base, &canary, &policy)
+        };
+        assert_eq!(compared(5, 1, Some(0.999)), Outcome::Fail);
+        assert_eq!(compared(5, 0, Some(0.999)), Outcome::Pass);
+        assert_eq!(compared(0, 0, Some(0.999)), Outcome::Pass);
+        assert_eq!(compared(5, 1, None), Outcome::Pass, "not configured");
     }
 
     fn policy(looks: u32) -> Policy {
@@ -543,6 +594,7 @@ mod tests {
             max_latency_ratio: 1.5,
             significance: 0.01,
             looks,
+            min_cosine: None,
         }
     }
 
@@ -603,7 +655,7 @@ mod tests {
             assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
         }
         assert_eq!(verdict.outcome, Outcome::Pass);
-        assert_eq!(verdict.checks.len(), 6);
+        assert_eq!(verdict.checks.len(), 7);
     }
 
     #[test]
@@ -650,6 +702,7 @@ mod tests {
             max_latency_ratio: 1.5,
             significance: 0.01,
             rollback: Rollback::Immediate,
+            compare: None,
         };
         let policy = Policy {
             min_requests: spec.min_requests,
@@ -657,6 +710,7 @@ mod tests {
             max_latency_ratio: spec.max_latency_ratio,
             significance: spec.significance,
             looks: 4 * spec.steps.len() as u32,
+            min_cosine: None,
         };
         let (rollouts, mut rolled_back, mut failed_windows) = (200, 0, 0);
         let mut rng = XorShift(0x2545_f491_4f6c_dd1d);

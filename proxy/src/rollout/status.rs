@@ -166,6 +166,7 @@ mod tests {
             max_latency_ratio: 1.5,
             significance: 0.01,
             rollback,
+            compare: None,
         }
     }
 

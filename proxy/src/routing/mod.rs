@@ -19,7 +19,7 @@ pub use router::{
     bucket_of, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split, SplitEntry,
     StickyKey, BUCKETS,
 };
-pub use window::{ArmTraffic, ArmWindow, Overrides, RouteWindows};
+pub use window::{Agreement, ArmTraffic, ArmWindow, MirrorSlot, Overrides, RouteWindows};
 
 use crate::metrics::Metrics;
 

@@ -69,14 +69,83 @@ pub struct RouteWindows {
     /// [baseline, canary]
     pub pools: [String; 2],
     pub arms: [ArmWindow; 2],
+    /// Output agreement: (share of requests mirrored, lowest cosine).
+    pub compare: Option<(f64, f64)>,
+    agreement: Mutex<Agreement>,
+    /// Mirrors in flight right now, capped by [`MAX_MIRRORS`].
+    mirrors: AtomicU64,
+}
+
+/// Mirrored requests in flight at once, per route: the cap on what output
+/// agreement adds to the fleet's load whatever the traffic.
+pub const MAX_MIRRORS: u64 = 4;
+
+/// Mirrored pairs compared in the current window.
+#[derive(Clone, Copy)]
+pub struct Agreement {
+    pub pairs: u32,
+    pub below: u32,
+    pub min: f64,
+}
+
+impl Default for Agreement {
+    fn default() -> Self {
+        Self {
+            pairs: 0,
+            below: 0,
+            min: 1.0,
+        }
+    }
+}
+
+/// A claim on one of the route's mirror slots, given back when dropped.
+pub struct MirrorSlot(Arc<RouteWindows>);
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        self.0.mirrors.fetch_sub(1, Relaxed);
+    }
 }
 
 impl RouteWindows {
-    pub fn new(baseline: &str, canary: &str) -> Self {
+    pub fn new(baseline: &str, canary: &str, compare: Option<(f64, f64)>) -> Self {
         Self {
             pools: [baseline.to_string(), canary.to_string()],
             arms: Default::default(),
+            compare,
+            agreement: Mutex::default(),
+            mirrors: AtomicU64::new(0),
         }
+    }
+
+    /// A mirror slot for this request: drawn at the `compare` sample rate,
+    /// and only while fewer than [`MAX_MIRRORS`] are in flight.
+    pub fn mirror_slot(self: &Arc<Self>) -> Option<MirrorSlot> {
+        let (sample, _) = self.compare?;
+        let drawn = (fastrand::next() >> 11) as f64 / (1u64 << 53) as f64;
+        if drawn >= sample || self.mirrors.fetch_add(1, Relaxed) >= MAX_MIRRORS {
+            if drawn < sample {
+                self.mirrors.fetch_sub(1, Relaxed);
+            }
+            return None;
+        }
+        Some(MirrorSlot(self.clone()))
+    }
+
+    /// Counts one compared pair.
+    pub fn record_agreement(&self, cosine: f64) {
+        let Some((_, bound)) = self.compare else {
+            return;
+        };
+        let mut a = self.agreement.lock().expect("agreement lock");
+        a.pairs += 1;
+        a.below += u32::from(cosine < bound);
+        a.min = a.min.min(cosine);
+    }
+
+    /// The window's pairs so far, and a fresh tally begun.
+    pub fn take_agreement(&self) -> Agreement {
+        std::mem::take(&mut *self.agreement.lock().expect("agreement lock"))
     }
 
     /// The arm of `pool`, if it is one of the two.

@@ -34,6 +34,9 @@ pub struct Control {
     pub failing: AtomicBool,
     /// Non-health requests received.
     pub requests: AtomicU64,
+    /// When set, requests get an OpenAI-shaped embeddings answer with this
+    /// vector (`data[0].embedding`) instead of the echo.
+    pub embedding: std::sync::Mutex<Option<Vec<f64>>>,
 }
 
 impl Control {
@@ -117,6 +120,15 @@ async fn serve(State(c): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -
     }
     if c.failing.load(SeqCst) {
         return (StatusCode::INTERNAL_SERVER_ERROR, instance, "broken").into_response();
+    }
+    if let Some(vector) = c.embedding.lock().expect("embedding lock").clone() {
+        let data = json!([{"object": "embedding", "index": 0, "embedding": vector}]);
+        return (
+            StatusCode::OK,
+            instance,
+            Json(json!({"object": "list", "data": data})),
+        )
+            .into_response();
     }
     let header = |name: &str| {
         headers
