@@ -249,3 +249,27 @@ async fn a_canary_with_other_vectors_fails_on_agreement() {
         }
     }
 }
+
+/// `rollback = "gradual"`: a canary failing at 50 % steps down through 20
+/// to 0, one step per window, so the baseline is not hit by all of the
+/// traffic at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gradual_rollback_steps_down_one_step_per_window() {
+    let settings = "interval = \"500ms\"\nmin_requests = 20\nrollback = \"gradual\"\n";
+    let (_blue, green, proxy) = setup(1, settings).await;
+    let load = Load::over(&proxy, Proto::H2, 4);
+    until(&proxy, Duration::from_secs(10), |s| s["weight"] == 50).await;
+    // Paused while the canary breaks, so that no window mixing before and
+    // after can pass and promote it; paused windows are dropped.
+    assert_eq!(steer(&proxy, "pause").await.1, 50);
+    green.control.set(&green.control.failing, true);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    steer(&proxy, "resume").await;
+    let seen = until(&proxy, Duration::from_secs(10), |s| {
+        s["state"] == "rolled_back" && s["weight"] == 0
+    })
+    .await;
+    assert_eq!(weights(&seen), [50, 20, 0], "one step down per window");
+    let (_, failed) = load.stop().await;
+    assert!(failed.iter().all(|f| f == "status 500"), "{failed:?}");
+}
