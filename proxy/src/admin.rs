@@ -185,8 +185,6 @@ impl Admin {
             let msg = format!("could not persist the rollout: {e}");
             return json_error(StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved", &msg);
         }
-        let phase = self.shared.rollout(name).map(|r| r.phase.code());
-        self.shared.metrics.set_rollout_state(name, phase);
         tracing::info!(target: "switchyard::rollout", route = name, decision = action, "rollout steered through the admin API");
         self.rollout(name)
     }

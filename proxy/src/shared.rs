@@ -188,6 +188,8 @@ impl Shared {
         let mut entry = rollouts.remove(name);
         change(&mut entry);
         let after = entry.as_ref().map(|r| r.weight);
+        let phase = entry.as_ref().map(|r| r.phase.code());
+        self.metrics.set_rollout_state(name, phase);
         if let Some(rollout) = entry {
             rollouts.insert(name.to_string(), rollout);
         }

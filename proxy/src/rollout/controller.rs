@@ -178,9 +178,6 @@ impl Controller {
             tracing::error!(target: TARGET, route = name, error = %e, "could not persist the rollout state");
         }
         let after = self.shared.rollout(name);
-        self.shared
-            .metrics
-            .set_rollout_state(name, after.as_ref().map(|r| r.phase.code()));
         tracing::info!(
             target: TARGET,
             route = name,
