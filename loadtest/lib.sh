@@ -329,6 +329,58 @@ lt_drive_drain() {
     lt_undrain "$base" "$addr"
 }
 
+# lt_drive_rollout CONFIG ADMIN_URL EXPECT: at T0+BEFORE, append a
+# `[routes.rollout]` table with the settings in ROLLOUT (TOML lines) to
+# CONFIG, whose last table must be the [[routes]] entry named ROUTE
+# (default "default"); the reload starts the rollout. Then poll its status
+# until a verdict and require EXPECT (promoted or rolled_back) within
+# MAX_WINDOWS judged windows; with EXPECT_CHECK, that check must be among
+# the failed ones. Prints every judged window (requests and errors per arm).
+lt_drive_rollout() {
+    local config="$1" base="$2" expect="$3" route="${ROUTE:-default}" t0 before started status state
+    t0="$(_lt_t0)" || return 1
+    before="$(_lt_secs "${BEFORE:-5}")" || return 1
+    [[ -n "${ROLLOUT:-}" ]] || { lt_die "ROLLOUT (the [routes.rollout] settings) is not set"; return 1; }
+    lt_sleep_until "$t0" "$before"
+    lt_log "rollout of route $route: $(tr '\n' ' ' <<<"$ROLLOUT")"
+    # An atomic replace, like an editor's save: the watcher never reads half.
+    if ! { cat "$config" && printf '\n[routes.rollout]\n%s\n' "$ROLLOUT"; } >"$config.rollout" ||
+        ! mv "$config.rollout" "$config"; then
+        lt_die "could not edit $config"
+        return 1
+    fi
+    started=$(date +%s)
+    while :; do
+        status="$(lt_admin GET "$base" "/admin/routes/$route/rollout" 2>/dev/null)" || status=""
+        state="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1] or "{}").get("state"))' "$status" 2>/dev/null)"
+        [[ $state == promoted || $state == rolled_back ]] && break
+        (($(date +%s) - started < ${VERDICT_TIMEOUT:-180})) || { lt_die "no verdict after ${VERDICT_TIMEOUT:-180}s (state $state)"; return 1; }
+        sleep 0.5
+    done
+    lt_log "verdict after $(($(date +%s) - started))s: $state"
+    python3 - "$status" "$expect" "${MAX_WINDOWS:-0}" "${EXPECT_CHECK:-}" <<'PY'
+import json, sys
+status, expect, max_windows, check = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+windows = status.get("windows") or []
+for w in windows:
+    print(f"  window at weight {w['weight']:>3}: baseline {w['baseline_errors']}/{w['baseline_requests']} errors, "
+          f"canary {w['canary_errors']}/{w['canary_requests']}, {w['outcome']}"
+          + (f"  [{'; '.join(w['checks'])}]" if w["checks"] else ""), file=sys.stderr)
+judged = status.get("windows_judged")
+print(f"  {status['state']} after {judged} windows judged", file=sys.stderr)
+problems = []
+if status["state"] != expect:
+    problems.append(f"wanted {expect}, got {status['state']}")
+if max_windows and judged > max_windows:
+    problems.append(f"{judged} windows judged, wanted at most {max_windows}")
+if check and not any(c.startswith(check + " Fail") for w in windows for c in w["checks"]):
+    problems.append(f"no window failed check {check}")
+for p in problems:
+    print(f"loadtest: error: rollout: {p}", file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
+}
+
 # lt_drive_backend_kill TARGET [READY_URL] -- RESTART_CMD...: SIGKILL the
 # backend at T0+BEFORE and restart it at T0+BEFORE+KILLED; with READY_URL,
 # wait until it answers ready.

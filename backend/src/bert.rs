@@ -267,23 +267,70 @@ fn exp_neg(y: f32) -> f32 {
     p * scale
 }
 
-/// The mean over real tokens (padding masked out), L2-normalised, as
-/// sentence-transformers' Pooling(mean) + Normalize do. `mask` is
-/// (batch, seq) f32.
-pub fn mean_pool_normalised(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-    // The clamps mirror sentence-transformers (mean pooling, F.normalize)
-    // so degenerate inputs give zeros rather than NaN.
-    let counts = mask.sum(1)?.maximum(1e-9)?;
-    let mean = summed.broadcast_div(&counts)?;
-    let norms = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
-    mean.broadcast_div(&norms)
+/// How token vectors become one sentence vector, as the model directory's
+/// `1_Pooling/config.json` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over real tokens (padding masked out).
+    Mean,
+    /// The first token's vector (`[CLS]`).
+    Cls,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+        }
+    }
+
+    /// Pools `hidden` (batch, seq, dim) and L2-normalises, as
+    /// sentence-transformers' Pooling + Normalize do. `mask` is (batch, seq)
+    /// f32.
+    pub fn pool_normalised(self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let pooled = match self {
+            Pooling::Mean => {
+                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+                // The clamps mirror sentence-transformers (mean pooling,
+                // F.normalize) so degenerate inputs give zeros rather than NaN.
+                let counts = mask.sum(1)?.maximum(1e-9)?;
+                summed.broadcast_div(&counts)?
+            }
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        let norms = pooled
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .maximum(1e-12)?;
+        pooled.broadcast_div(&norms)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooling_modes_normalise_what_they_pick() {
+        let dev = candle_core::Device::Cpu;
+        // One sentence, two real tokens and one padding token.
+        let hidden = Tensor::new(&[[[3f32, 4.], [0., 2.], [100., 100.]]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 0.]], &dev).unwrap();
+        let pooled = |p: Pooling| {
+            p.pool_normalised(&hidden, &mask)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        assert_eq!(pooled(Pooling::Cls), vec![vec![0.6, 0.8]]);
+        // mean of (3,4) and (0,2) = (1.5,3), norm 3.354...; padding ignored
+        let mean = pooled(Pooling::Mean);
+        let n = (1.5f32 * 1.5 + 9.).sqrt();
+        assert!((mean[0][0] - 1.5 / n).abs() < 1e-6 && (mean[0][1] - 3. / n).abs() < 1e-6);
+    }
 
     #[test]
     fn fast_gelu_matches_the_exact_one() {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::bert::{mean_pool_normalised, Bert};
+use crate::bert::{Bert, Pooling};
 
 /// What callers need to know about the loaded model, independent of weights.
 #[derive(Debug, Clone)]
@@ -64,13 +64,14 @@ impl TextTokenizer {
 /// The transformer plus pooling. Owned by the inference thread.
 pub struct Encoder {
     bert: Bert,
+    pooling: Pooling,
     pad_id: u32,
     device: Device,
 }
 
 impl Encoder {
     /// Embeds a batch, padding to its longest member. Padding is masked out of
-    /// both attention and the mean, so a text's vector does not depend on what
+    /// both attention and pooling, so a text's vector does not depend on what
     /// it was batched with.
     pub fn embed(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
         let rows = batch.len();
@@ -94,7 +95,10 @@ impl Encoder {
         let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
 
         let hidden = self.bert.forward(&ids, &type_ids, &mask)?;
-        Ok(mean_pool_normalised(&hidden, &mask)?.to_vec2::<f32>()?)
+        Ok(self
+            .pooling
+            .pool_normalised(&hidden, &mask)?
+            .to_vec2::<f32>()?)
     }
 }
 
@@ -122,6 +126,27 @@ struct PoolingConfig {
     pooling_mode_mean_sqrt_len_tokens: bool,
 }
 
+impl PoolingConfig {
+    /// The one pooling mode asked for; the server implements mean and CLS.
+    fn mode(&self, hidden_size: usize) -> Result<Pooling> {
+        if let Some(dim) = self.word_embedding_dimension {
+            ensure!(
+                dim == hidden_size,
+                "pooling dimension {dim} does not match hidden_size {hidden_size}"
+            );
+        }
+        match (
+            self.pooling_mode_mean_tokens,
+            self.pooling_mode_cls_token,
+            self.pooling_mode_max_tokens || self.pooling_mode_mean_sqrt_len_tokens,
+        ) {
+            (true, false, false) => Ok(Pooling::Mean),
+            (false, true, false) => Ok(Pooling::Cls),
+            _ => bail!("1_Pooling/config.json asks for a pooling other than exactly one of mean or CLS, which this server does not implement"),
+        }
+    }
+}
+
 impl Model {
     /// Loads a directory in Hugging Face layout.
     pub fn load(dir: &Path, name: String) -> Result<Self> {
@@ -141,24 +166,14 @@ impl Model {
         let config: BertConfig =
             serde_json::from_slice(&config_bytes).context("parsing config.json")?;
 
-        if let Some(bytes) = read_optional("1_Pooling/config.json")? {
-            let pooling: PoolingConfig =
-                serde_json::from_slice(&bytes).context("parsing 1_Pooling/config.json")?;
-            if !pooling.pooling_mode_mean_tokens
-                || pooling.pooling_mode_cls_token
-                || pooling.pooling_mode_max_tokens
-                || pooling.pooling_mode_mean_sqrt_len_tokens
-            {
-                bail!("1_Pooling/config.json asks for a pooling other than a plain mean, which this server does not implement");
+        let pooling = match read_optional("1_Pooling/config.json")? {
+            Some(bytes) => {
+                let pooling: PoolingConfig =
+                    serde_json::from_slice(&bytes).context("parsing 1_Pooling/config.json")?;
+                pooling.mode(config.hidden_size)?
             }
-            if let Some(dim) = pooling.word_embedding_dimension {
-                ensure!(
-                    dim == config.hidden_size,
-                    "pooling dimension {dim} does not match hidden_size {}",
-                    config.hidden_size
-                );
-            }
-        }
+            None => Pooling::Mean,
+        };
 
         // sentence-transformers truncates at max_seq_length, not at whatever
         // the tokenizer file ships with (128 for MiniLM).
@@ -193,7 +208,11 @@ impl Model {
             &weights,
             &config_bytes,
             &tokenizer_bytes,
-            format!("pooling=mean;normalize=l2;max_seq_length={max_seq_length}").as_bytes(),
+            format!(
+                "pooling={};normalize=l2;max_seq_length={max_seq_length}",
+                pooling.name()
+            )
+            .as_bytes(),
         ]);
 
         let device = Device::Cpu;
@@ -213,6 +232,7 @@ impl Model {
             },
             encoder: Encoder {
                 bert,
+                pooling,
                 pad_id: u32::try_from(config.pad_token_id).context("pad_token_id")?,
                 device,
             },

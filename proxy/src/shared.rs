@@ -335,10 +335,13 @@ fn overrides_for(
             .unwrap_or_default();
         let compare = spec.compare.as_ref().map(|c| (c.sample, c.min_cosine));
         let fits = |w: &Arc<RouteWindows>| {
-            w.pools == [baseline.clone(), spec.canary.clone()] && w.compare == compare
+            w.pools == [baseline.clone(), spec.canary.clone()]
+                && w.compare == compare
+                && w.retry_on_baseline == spec.retry_on_baseline
         };
         if !windows.get(name).is_some_and(fits) {
-            let fresh = Arc::new(RouteWindows::new(&baseline, &spec.canary, compare));
+            let fresh = RouteWindows::new(&baseline, &spec.canary, compare, spec.retry_on_baseline);
+            let fresh = Arc::new(fresh);
             windows.insert(name.clone(), fresh);
         }
         overrides

@@ -106,9 +106,11 @@ async fn a_healthy_canary_is_promoted_through_every_step() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failing_canary_is_rolled_back() {
-    let (_blue, green, proxy) = setup(1, "interval = \"500ms\"\nmin_requests = 20\n").await;
+/// A canary answering only 500s under load, rolled back; the requests the
+/// load sent and those that failed, each failure checked to be a canary's.
+async fn roll_back_a_failing_canary(extra: &str) -> (usize, Vec<String>) {
+    let settings = format!("interval = \"500ms\"\nmin_requests = 20\n{extra}");
+    let (_blue, green, proxy) = setup(1, &settings).await;
     green.control.set(&green.control.failing, true);
     let load = Load::over(&proxy, Proto::H2, 4);
 
@@ -136,7 +138,6 @@ async fn a_failing_canary_is_rolled_back() {
         failed.len() as u64 <= green.control.requests(),
         "only canary requests failed"
     );
-    // The blast radius: the canary's share while it lasted.
     println!("blast radius: {} of {sent} requests failed", failed.len());
     // After the rollback the canary gets nothing.
     let before = green.control.requests();
@@ -150,6 +151,22 @@ async fn a_failing_canary_is_rolled_back() {
         scrape.contains("switchyard_rollout_state{route=\"default\"} 4"),
         "{scrape}"
     );
+    (sent, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_canary_is_rolled_back_and_its_failures_retried_on_the_baseline() {
+    let (sent, failed) = roll_back_a_failing_canary("").await;
+    assert!(sent > 100, "{sent}");
+    // The canary's windows counted every 500 (it was rolled back), yet
+    // each of those requests was answered by the baseline.
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_retry_on_baseline_the_blast_radius_is_the_canary_share() {
+    let (sent, failed) = roll_back_a_failing_canary("retry_on_baseline = false\n").await;
+    assert!(!failed.is_empty() && failed.len() < sent, "{failed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -62,11 +62,15 @@ stack_proxy_pid() {
   cat "$STACK_RUN/proxy.pid" 2>/dev/null || true
 }
 
-# Starts (or restarts, after a kill) one backend of the fixed fleet.
+# Starts (or restarts, after a kill) one backend of the fixed fleet, with
+# the extra arguments in STACK_BACKEND_ARGS[name], if any (a load scenario
+# gives a canary a fault or another model).
+declare -A STACK_BACKEND_ARGS=()
 stack_backend() { # name
-  local addr=${STACK_ADDR_OF[$1]:?unknown backend $1}
+  local addr=${STACK_ADDR_OF[$1]:?unknown backend $1} extra=()
+  read -r -a extra <<<"${STACK_BACKEND_ARGS[$1]:-}"
   stack_spawn "$1" target/release/switchyard-backend --listen "$addr" \
-    --instance "$1" --version "${1%-*}-v1" --redis-url redis://127.0.0.1:6399
+    --instance "$1" --version "${1%-*}-v1" --redis-url redis://127.0.0.1:6399 "${extra[@]}"
 }
 
 # The copy lives in another directory than config/, so its relative paths

@@ -417,6 +417,11 @@ pub struct RolloutSpec {
     /// Output agreement: mirror a sampled share of the route's requests to
     /// the other arm and compare the two answers' embeddings.
     pub compare: Option<CompareSpec>,
+    /// A request the canary fails (a 5xx, or no answer) is sent once more,
+    /// to the baseline, when retries remain: the canary's window still
+    /// counts the failure, the client gets the baseline's answer.
+    #[serde(default = "yes")]
+    pub retry_on_baseline: bool,
 }
 
 /// `compare = { sample = 0.01, min_cosine = 0.999 }`
@@ -459,6 +464,9 @@ fn rollout_max_latency_ratio() -> f64 {
 }
 fn rollout_significance() -> f64 {
     0.01
+}
+fn yes() -> bool {
+    true
 }
 
 /// Exactly one of `header` and `cookie`.

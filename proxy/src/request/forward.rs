@@ -2,6 +2,8 @@
 //! retried, what counts against a backend's health, which status a
 //! failure becomes; then the relay of the answer that stands.
 
+use std::sync::Arc;
+
 use super::answer::{self, Refusal};
 use super::attempt::{attempt, Failure};
 use super::headers::Wire;
@@ -24,7 +26,7 @@ pub async fn forward<F: Front>(
 {
     let active = call.active.clone();
     let config = &active.config;
-    let pool = call.pool.clone().expect("picked before forwarding");
+    let mut pool = call.pool.clone().expect("picked before forwarding");
     loop {
         let Some(left) = config.timeouts.total.checked_sub(call.start.elapsed()) else {
             return answer::refuse(front, call, Refusal::TimeBudget).await;
@@ -51,12 +53,18 @@ pub async fn forward<F: Front>(
                 let retry_after = resp.fields.get("retry-after").is_some();
                 record_answer(&backend, config, resp.status, retry_after);
                 if !(resp.status == 503 && may_retry(call, &pool, replayable)) {
-                    return relay(front, call, conn, resp, wire).await;
+                    match to_baseline(call, resp.status >= 500, replayable) {
+                        Some(baseline) => pool = baseline,
+                        None => return relay(front, call, conn, resp, wire).await,
+                    }
                 }
             }
             Err((failure, reused)) => {
                 if !judge_failure(call, &backend, &pool, &failure, reused, replayable) {
-                    return fail(front, call, &failure).await;
+                    match to_baseline(call, true, replayable) {
+                        Some(baseline) => pool = baseline,
+                        None => return fail(front, call, &failure).await,
+                    }
                 }
             }
         }
@@ -67,6 +75,26 @@ pub async fn forward<F: Front>(
         call.lease = Some(Lease::new(pool.members[next].backend.clone()));
         call.member = Some(next);
     }
+}
+
+/// A request the canary of a rollout failed goes once more, to the
+/// baseline (`rollout.retry_on_baseline`), so that a bad canary's blast
+/// radius is what the retry cannot save. The canary's window counts the
+/// failure now, and the request leaves the windows.
+fn to_baseline<H>(call: &mut Call<H>, failed: bool, replayable: bool) -> Option<Arc<Pool>> {
+    let (windows, arm) = call.arm.as_ref()?;
+    if !failed || *arm != 1 || !windows.retry_on_baseline {
+        return None;
+    }
+    let baseline = call.active.pools.get(&windows.pools[0])?.clone();
+    if !may_retry(call, &baseline, replayable) {
+        return None;
+    }
+    let ms = call.start.elapsed().as_secs_f64() * 1000.0;
+    windows.arms[1].record(true, ms);
+    call.arm = None;
+    call.pool = Some(baseline.clone());
+    Some(baseline)
 }
 
 /// Counts a failed attempt against the backend where it says something

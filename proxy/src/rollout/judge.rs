@@ -703,6 +703,7 @@ mod tests {
             significance: 0.01,
             rollback: Rollback::Immediate,
             compare: None,
+            retry_on_baseline: true,
         };
         let policy = Policy {
             min_requests: spec.min_requests,

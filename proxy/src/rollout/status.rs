@@ -167,6 +167,7 @@ mod tests {
             significance: 0.01,
             rollback,
             compare: None,
+            retry_on_baseline: true,
         }
     }
 

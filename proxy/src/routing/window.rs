@@ -71,6 +71,8 @@ pub struct RouteWindows {
     pub arms: [ArmWindow; 2],
     /// Output agreement: (share of requests mirrored, lowest cosine).
     pub compare: Option<(f64, f64)>,
+    /// `rollout.retry_on_baseline`.
+    pub retry_on_baseline: bool,
     agreement: Mutex<Agreement>,
     /// Mirrors in flight right now, capped by [`MAX_MIRRORS`].
     mirrors: AtomicU64,
@@ -108,11 +110,17 @@ impl Drop for MirrorSlot {
 }
 
 impl RouteWindows {
-    pub fn new(baseline: &str, canary: &str, compare: Option<(f64, f64)>) -> Self {
+    pub fn new(
+        baseline: &str,
+        canary: &str,
+        compare: Option<(f64, f64)>,
+        retry_on_baseline: bool,
+    ) -> Self {
         Self {
             pools: [baseline.to_string(), canary.to_string()],
             arms: Default::default(),
             compare,
+            retry_on_baseline,
             agreement: Mutex::default(),
             mirrors: AtomicU64::new(0),
         }
