@@ -10,7 +10,7 @@
 //! [`health`] (active checks), [`metrics`] and [`admin`] (the admin
 //! listener), [`reload`] (file watch, SIGHUP), [`state`] (persisted
 //! drains), [`rollout`] (canary analysis), [`ratelimit`] (per-client rate
-//! and concurrency limits), [`shared`] (the
+//! and concurrency limits, local or shared through Redis), [`shared`] (the
 //! state they share) and [`server`] (wiring).
 //! `docs/request-path.md` walks one request through them.
 
