@@ -9,8 +9,9 @@
 //! [`codec`] (HTTP/1.1 on the wire, both directions); beside them
 //! [`health`] (active checks), [`metrics`] and [`admin`] (the admin
 //! listener), [`reload`] (file watch, SIGHUP), [`state`] (persisted
-//! drains), [`rollout`] (canary analysis), [`shared`] (the state they
-//! share) and [`server`] (wiring).
+//! drains), [`rollout`] (canary analysis), [`ratelimit`] (per-client rate
+//! and concurrency limits, local or shared through Redis), [`shared`] (the
+//! state they share) and [`server`] (wiring).
 //! `docs/request-path.md` walks one request through them.
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod h2;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod ratelimit;
 pub mod reload;
 pub mod request;
 pub mod rollout;

@@ -6,6 +6,7 @@
 
 pub mod matrix;
 pub mod raw;
+pub mod redis;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Write};
@@ -391,7 +392,7 @@ fn spawn_switchyard(dir: &Path, upgrade: bool) -> Child {
         .expect("spawn switchyard")
 }
 
-fn signal(child: &Child, sig: i32) {
+pub fn signal(child: &Child, sig: i32) {
     let pid = i32::try_from(child.id()).expect("pid fits");
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     let rc = unsafe { libc::kill(pid, sig) };

@@ -1,0 +1,12 @@
+//! Per-client rate and concurrency limits: [`gcra`] (the decision, a pure
+//! function of one timestamp per key), [`local`] (in-process state, bounded,
+//! and the key hashing) and [`shared`] (state in Redis, for limits that hold
+//! across replicas, with a local fallback).
+
+pub mod gcra;
+pub mod local;
+pub mod shared;
+
+pub use gcra::{decide, Decision, Quota};
+pub use local::{now_ns, stable_key, InflightGuard, InflightTable, KeyHasher, LocalStore};
+pub use shared::{SharedLimiter, SharedOptions, Via};
