@@ -290,3 +290,32 @@ async fn a_gradual_rollback_steps_down_one_step_per_window() {
     let (_, failed) = load.stop().await;
     assert!(failed.iter().all(|f| f == "status 500"), "{failed:?}");
 }
+
+/// A/A on the real proxy: 20 rollouts of a canary identical to the
+/// baseline, one after another under the same load. The goal is
+/// at most one false rollback in 20; the statistical tests alone allow
+/// 1 % per rollout (docs/rollouts.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_a_a_rollouts_roll_back_at_most_once() {
+    let (_blue, _green, proxy) = setup(5, "interval = \"400ms\"\nmin_requests = 20\n").await;
+    let load = Load::over(&proxy, Proto::H2, 4);
+    let mut verdicts = Vec::new();
+    for i in 0..20 {
+        if i > 0 {
+            steer(&proxy, "start").await;
+        }
+        let seen = until(&proxy, Duration::from_secs(20), |s| {
+            s["state"] == "rolled_back" || s["state"] == "promoted"
+        })
+        .await;
+        let last = seen.last().expect("a status").clone();
+        verdicts.push(last["state"].as_str().unwrap_or_default().to_string());
+        if last["state"] == "rolled_back" {
+            println!("A/A rollout {i} rolled back: {last:#}");
+        }
+    }
+    let rolled_back = verdicts.iter().filter(|v| *v == "rolled_back").count();
+    println!("A/A: {rolled_back} of 20 rollouts rolled back");
+    assert!(rolled_back <= 1, "{verdicts:?}");
+    load.finish().await; // asserts that no request failed
+}
