@@ -319,3 +319,25 @@ async fn twenty_a_a_rollouts_roll_back_at_most_once() {
     assert!(rolled_back <= 1, "{verdicts:?}");
     load.finish().await; // asserts that no request failed
 }
+
+/// A canary 50 % slower than the baseline (15 ms against 10 ms) fails on
+/// latency and is rolled back, with no request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_half_again_as_slow_is_rolled_back() {
+    let blue = Upstream::start("blue", 10).await;
+    let green = Upstream::start("green", 15).await;
+    let settings = "interval = \"1s\"\nmin_requests = 20\n";
+    let proxy = Proxy::start(&rollout_config(&blue, &green, settings)).await;
+    let load = Load::over(&proxy, Proto::H2, 8);
+    let seen = until(&proxy, Duration::from_secs(15), |s| {
+        s["state"] == "rolled_back" || s["state"] == "promoted"
+    })
+    .await;
+    let last = seen.last().expect("a status");
+    assert_eq!(last["state"], "rolled_back", "{last:#}");
+    assert!(
+        failed_check(last, "latency_shift") || failed_check(last, "latency_p99_ratio"),
+        "{last:#}"
+    );
+    load.finish().await; // asserts that no request failed
+}
