@@ -67,6 +67,7 @@ impl Admin {
             ["admin", "config", "status"] => get(&|| ok(json!(self.shared.reload_status()))),
             ["admin", "reload"] => allow(method, &Method::POST, &|| self.reload()),
             ["admin", "routes", name, "rollout"] => get(&|| self.rollout(name)),
+            ["admin", "rate-limits"] => get(&|| ok(self.rate_limits(query))),
             ["admin", "routes", name, "rollout", action] => {
                 allow(method, &Method::POST, &|| self.steer(name, action))
             }
@@ -97,6 +98,29 @@ impl Admin {
             }
         }
         json!({ "backends": out })
+    }
+
+    /// `GET /admin/rate-limits[?top=N]`: every route's rules with their
+    /// decisions, tracked keys and most limited keys (hashed; default 10).
+    fn rate_limits(&self, query: &str) -> Value {
+        let top = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("top="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10usize)
+            .min(256);
+        let active = self.shared.active();
+        let routes: Vec<Value> = active
+            .config
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, spec)| {
+                let limits = active.limits[i].as_ref()?;
+                Some(json!({ "route": spec.label(i), "rules": limits.report(top) }))
+            })
+            .collect();
+        json!({ "routes": routes })
     }
 
     fn routes(&self) -> Value {

@@ -158,7 +158,11 @@ fn fail(backend: &Backend, p: &mut Progress, cfg: &HealthSection, why: &str) {
 }
 
 fn record_report(backend: &Backend, r: &Report, now: u64) {
-    backend.set_queue_depth(r.queue_depth.unwrap_or(0), now);
+    backend.set_queue(
+        r.queue_depth.unwrap_or(0),
+        r.queue_capacity.unwrap_or(0),
+        now,
+    );
     if let Some(rate) = r.cache_hit_rate {
         backend.metrics.cache_hit_ratio.set(rate);
     }

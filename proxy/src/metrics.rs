@@ -51,6 +51,91 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// Set at scrape time from the request-body budget.
     pub body_buffer_bytes: IntGauge,
+    /// Rate limits and load shedding.
+    pub edge: EdgeMetrics,
+}
+
+/// The metrics of rate limits and load shedding.
+pub struct EdgeMetrics {
+    decisions: IntCounterVec,
+    /// Client keys tracked per rule; set at scrape time.
+    pub keys: IntGaugeVec,
+    pub redis_seconds: Histogram,
+    pub redis_fallbacks: IntCounter,
+    shed: IntCounterVec,
+    /// Saturation of each shedding route's fleet; set at scrape time.
+    pub saturation: GaugeVec,
+}
+
+/// Redis round trips take well under a millisecond on a LAN.
+const REDIS_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+impl EdgeMetrics {
+    fn new(r: &Registry) -> Self {
+        let redis_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchyard_ratelimit_redis_seconds",
+                "Round trips of shared rate-limit decisions to Redis that answered.",
+            )
+            .buckets(REDIS_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let saturation = GaugeVec::new(
+            Opts::new(
+                "switchyard_route_saturation",
+                "Saturation of the fleet behind a route with [routes.shed]: queued and in-flight work over reported capacity.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        Self {
+            decisions: counter_vec(
+                r,
+                "switchyard_ratelimit_decisions_total",
+                "Rate and concurrency limit decisions by route, rule and result (allowed, limited, shadow_limited).",
+                &["route", "rule", "result"],
+            ),
+            keys: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "switchyard_ratelimit_keys",
+                        "Client keys a rule tracks in this process.",
+                    ),
+                    &["route", "rule"],
+                )
+                .expect("valid metric"),
+            ),
+            redis_seconds: register(r, redis_seconds),
+            redis_fallbacks: register(
+                r,
+                IntCounter::new(
+                    "switchyard_ratelimit_redis_fallbacks_total",
+                    "Shared rate-limit decisions made without Redis (slow, failing or down).",
+                )
+                .expect("valid metric"),
+            ),
+            shed: counter_vec(
+                r,
+                "switchyard_shed_requests_total",
+                "Requests refused with a fast 503 because the route's fleet was saturated, by priority class.",
+                &["route", "class"],
+            ),
+            saturation: register(r, saturation),
+        }
+    }
+
+    /// allowed, limited and shadow_limited decisions of one rule.
+    pub fn decisions(&self, route: &str, rule: &str) -> [IntCounter; 3] {
+        ["allowed", "limited", "shadow_limited"]
+            .map(|result| self.decisions.with_label_values(&[route, rule, result]))
+    }
+
+    pub fn shed(&self, route: &str, class: &str) -> IntCounter {
+        self.shed.with_label_values(&[route, class])
+    }
 }
 
 /// Per-backend handles, resolved once.
@@ -235,6 +320,7 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            edge: EdgeMetrics::new(&r),
             registry: r,
         }
     }

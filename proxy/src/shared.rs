@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::ratelimit::{Limiters, RouteLimits};
 use crate::rollout::Rollout;
 use crate::routing::{Backend, Overrides, Pool, Registry, RouteWindows, Router};
 use crate::state::{self, State};
@@ -27,6 +28,8 @@ pub struct Active {
     pub pools: BTreeMap<String, Arc<Pool>>,
     /// Every distinct backend of this configuration (health-checked).
     pub backends: Vec<Arc<Backend>>,
+    /// Each route's limit rules, by its position in the file.
+    pub limits: Vec<Option<Arc<RouteLimits>>>,
 }
 
 impl Active {
@@ -35,6 +38,7 @@ impl Active {
         registry: &Registry,
         metrics: &Metrics,
         overrides: &Overrides,
+        limiters: &Arc<Limiters>,
     ) -> Self {
         let ttl = config.health.report_ttl();
         let pools: BTreeMap<String, Arc<Pool>> = config
@@ -51,11 +55,13 @@ impl Active {
             .iter()
             .filter_map(|addr| registry.get(addr))
             .collect();
+        let limits = limiters.build(&config, metrics);
         Self {
             config: Arc::new(config),
             router,
             pools,
             backends,
+            limits,
         }
     }
 
@@ -96,6 +102,8 @@ pub struct Shared {
     /// The file the configuration was loaded from (and is reloaded from).
     pub config_path: PathBuf,
     pub certs: Arc<CertStore>,
+    /// Rate-limit state, kept across reloads.
+    pub limiters: Arc<Limiters>,
     active: ArcSwap<Active>,
     status: Mutex<ReloadStatus>,
     /// Serializes reloads and state-file writes.
@@ -134,7 +142,8 @@ impl Shared {
         };
         let windows = Mutex::new(BTreeMap::new());
         let overrides = overrides_for(&config, &saved.rollouts, &windows);
-        let active = Active::build(config, &registry, &metrics, &overrides);
+        let limiters = Arc::new(Limiters::default());
+        let active = Active::build(config, &registry, &metrics, &overrides, &limiters);
         metrics.set_split_weights(&active.split_weights());
         metrics.mark_config_loaded();
         Arc::new(Self {
@@ -142,6 +151,7 @@ impl Shared {
             metrics,
             config_path,
             certs,
+            limiters,
             active: ArcSwap::from_pointee(active),
             status: Mutex::new(status),
             writer: Mutex::new(()),
@@ -283,6 +293,7 @@ impl Shared {
             &self.registry,
             &self.metrics,
             overrides,
+            &self.limiters,
         ));
         self.metrics.set_split_weights(&active.split_weights());
         self.active.store(active.clone());
@@ -305,10 +316,24 @@ impl Shared {
         Ok(Some(backend))
     }
 
-    /// Copies scrape-time values (in-flight counts) into their gauges.
+    /// Copies scrape-time values (in-flight counts, tracked rate-limit
+    /// keys, saturation) into their gauges.
     pub fn refresh_gauges(&self) {
         for backend in self.registry.all() {
             backend.publish_in_flight();
+        }
+        let edge = &self.metrics.edge;
+        for ((route, rule), state) in self.limiters.states() {
+            let tracked = i64::try_from(state.tracked()).unwrap_or(i64::MAX);
+            edge.keys.with_label_values(&[&route, &rule]).set(tracked);
+        }
+        for route in self.active().router.routes() {
+            if route.shed.is_some() {
+                let saturation = crate::routing::saturation(&route.split);
+                edge.saturation
+                    .with_label_values(&[&route.name])
+                    .set(saturation);
+            }
         }
     }
 }

@@ -186,6 +186,46 @@ const CASES: &[Case] = &[
         message: "needs a 'name'",
     },
     Case {
+        name: "rate limit with an unknown key",
+        edit: (
+            "pool = \"blue\"\n",
+            "pool = \"blue\"\n[[routes.rate_limits]]\nname = \"k\"\nkey = \"token\"\nrate = 1\n",
+        ),
+        key: "routes[0].rate_limits[0].key",
+        line_of: "key = \"token\"",
+        message: "is not a key: use \"ip\"",
+    },
+    Case {
+        name: "rate limit with a zero burst",
+        edit: (
+            "pool = \"blue\"\n",
+            "pool = \"blue\"\n[[routes.rate_limits]]\nname = \"k\"\nkey = \"ip\"\nrate = 1\nburst = 0\n",
+        ),
+        key: "routes[0].rate_limits[0].burst",
+        line_of: "burst = 0",
+        message: "must be at least 1",
+    },
+    Case {
+        name: "shared rate limit without redis",
+        edit: (
+            "pool = \"blue\"\n",
+            "pool = \"blue\"\n[[routes.rate_limits]]\nname = \"k\"\nkey = \"ip\"\nrate = 1\nshared = true\n",
+        ),
+        key: "routes[0].rate_limits[0].shared",
+        line_of: "shared = true",
+        message: "needs [rate_limits] redis_url",
+    },
+    Case {
+        name: "shed default not among the classes",
+        edit: (
+            "pool = \"blue\"\n",
+            "pool = \"blue\"\n[routes.shed]\ndefault = \"gold\"\nclasses = { bulk = 0.8 }\n",
+        ),
+        key: "routes[0].shed.default",
+        line_of: "default = \"gold\"",
+        message: "is not one of the classes",
+    },
+    Case {
         name: "no routes",
         edit: ("[[routes]]\npath_prefix = \"/\"\npool = \"blue\"\n", ""),
         key: "",

@@ -6,6 +6,7 @@
 //! the line of every problem.
 
 mod duration;
+mod edge;
 mod error;
 mod locate;
 mod validate;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use edge::{LimitKey, RateLimitSection, RateLimitSpec, RedisFailure, ShedSpec};
 pub use error::{ConfigError, ConfigErrors};
 pub use locate::KeyPath;
 
@@ -39,6 +41,8 @@ pub struct Config {
     pub retry: RetrySection,
     #[serde(default)]
     pub limits: LimitSection,
+    #[serde(default)]
+    pub rate_limits: RateLimitSection,
     #[serde(default)]
     pub response_headers: ResponseHeaders,
     pub pools: BTreeMap<String, PoolSpec>,
@@ -383,6 +387,11 @@ pub struct RouteSpec {
     pub fallback: Option<bool>,
     /// An automated canary rollout over this route's two-pool split.
     pub rollout: Option<RolloutSpec>,
+    /// Per-client rate and concurrency limits, checked in order.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitSpec>,
+    /// Load shedding by priority class when the route's fleet saturates.
+    pub shed: Option<ShedSpec>,
 }
 
 /// `[routes.rollout]`: step the canary's weight up while each analysis

@@ -23,6 +23,17 @@ pub(super) fn validate(config: &mut Config, base: &Path) -> Vec<Problem> {
     v.limits(config);
     v.pools(config);
     v.routes(config);
+    let routes: Vec<_> = config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let path = KeyPath::root().key("routes").index(i);
+            (path, r.rate_limits.as_slice(), r.shed.as_ref())
+        })
+        .collect();
+    v.problems
+        .extend(super::edge::validate(&config.rate_limits, &routes));
     v.problems
 }
 

@@ -36,6 +36,8 @@ pub struct Reply<'a> {
     pub body: &'a [u8],
     length: usize,
     request_id: &'a str,
+    /// Headers of this answer alone (a 429's Retry-After and RateLimit).
+    extra: &'a [(&'static [u8], String)],
 }
 
 impl Reply<'_> {
@@ -46,6 +48,9 @@ impl Reply<'_> {
         if self.status == 503 {
             // The proxy's own 503s are load, not faults: ask for a retry.
             put(b"retry-after", b"1");
+        }
+        for (name, value) in self.extra {
+            put(name, value.as_bytes());
         }
         put(b"x-request-id", self.request_id.as_bytes());
     }
@@ -64,6 +69,16 @@ pub async fn respond<F: Front>(
     kind: &str,
     msg: &str,
 ) {
+    respond_with(front, call, (status, kind, msg), &[]).await;
+}
+
+/// [`respond`], with headers of its own.
+pub async fn respond_with<F: Front>(
+    front: &mut F,
+    call: &mut Call<F::Head>,
+    (status, kind, msg): (u16, &str, &str),
+    extra: &[(&'static [u8], String)],
+) {
     let body = error_body(kind, msg);
     call.keep &= !front.closing();
     call.status = status;
@@ -73,6 +88,7 @@ pub async fn respond<F: Front>(
         body: &body.as_bytes()[..sent],
         length: body.len(),
         request_id: &call.request_id,
+        extra,
     };
     match front.answer(call, &reply).await {
         Ok(()) => call.bytes_out = sent,

@@ -13,6 +13,7 @@ use super::{headers, Head};
 use crate::codec::body::BodyLimits;
 use crate::codec::head::Known;
 use crate::config::Config;
+use crate::ratelimit::InflightGuard;
 use crate::routing::{Lease, Pool, RouteWindows};
 use crate::shared::Active;
 
@@ -41,6 +42,12 @@ pub struct Call<H> {
     pub keep: bool,
     /// On a route under rollout: its windows and the arm of the pool.
     pub arm: Option<(Arc<RouteWindows>, usize)>,
+    /// In-flight slots of the client's key, held until the request ends.
+    pub slots: Vec<InflightGuard>,
+    /// The limit rule that refused the request, for the access log.
+    pub limited: Option<String>,
+    /// A shadow rule that would have refused it.
+    pub shadow_limited: Option<String>,
 }
 
 impl<H> Call<H> {
@@ -92,6 +99,9 @@ impl<H: Head> Call<H> {
             error: None,
             keep,
             arm: None,
+            slots: Vec::new(),
+            limited: None,
+            shadow_limited: None,
         }
     }
 
@@ -110,6 +120,8 @@ impl<H: Head> Call<H> {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             error: self.error.as_deref(),
+            limited: self.limited.as_deref(),
+            shadow_limited: self.shadow_limited.as_deref(),
         }
         .record(unrouted);
         if let Some((windows, arm)) = &self.arm {
@@ -117,5 +129,6 @@ impl<H: Head> Call<H> {
             windows.arms[*arm].record(self.status >= 500, ms);
         }
         self.lease = None;
+        self.slots.clear();
     }
 }

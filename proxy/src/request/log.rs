@@ -25,6 +25,8 @@ pub struct Finished<'a> {
     pub bytes_in: usize,
     pub bytes_out: usize,
     pub error: Option<&'a str>,
+    pub limited: Option<&'a str>,
+    pub shadow_limited: Option<&'a str>,
 }
 
 impl Finished<'_> {
@@ -63,6 +65,8 @@ impl Finished<'_> {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             error: self.error,
+            limited: self.limited,
+            shadow_limited: self.shadow_limited,
         };
         let mut buf = Vec::with_capacity(320);
         if serde_json::to_writer(&mut buf, &line).is_ok() {
@@ -94,6 +98,12 @@ struct AccessLine<'a> {
     bytes_out: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    /// The rate or concurrency rule that refused the request (429).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limited: Option<&'a str>,
+    /// A shadow rule that would have refused it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow_limited: Option<&'a str>,
 }
 
 /// Target of the access log; `RUST_LOG=info,switchyard::access=off` silences it.

@@ -30,6 +30,7 @@ use prometheus::IntCounter;
 use crate::codec::body::{Body, BodyError, BodyLimits, RelayError, Relayed};
 use crate::codec::head::{Known, ResponseHead};
 use crate::config::LimitSection;
+use crate::ratelimit::{self, Phase, RouteLimits};
 use crate::routing::{Lease, RequestHeaders};
 use crate::upstream::Conn;
 
@@ -133,6 +134,23 @@ where
         let msg = format!("no route for {}", call.head.path());
         return answer::refuse_unread(front, call, 404, "no_route", &msg).await;
     };
+    let limits = active.limits[route.index].as_deref();
+    if let Some(limits) = limits {
+        if !within_limits(front, call, limits, Phase::Head).await {
+            return;
+        }
+    }
+    if let Some((class, saturation)) = route
+        .shed
+        .as_ref()
+        .and_then(|s| s.refuses(&call.head, &route.split))
+    {
+        let msg = format!(
+            "the fleet is saturated ({:.0}%): '{class}' requests are shed; retry later",
+            saturation * 100.0
+        );
+        return answer::refuse_unread(front, call, 503, "overloaded", &msg).await;
+    }
     let (drawn, forced) = route.choose_pool(&call.head);
     let picked = match drawn.pick(&[]) {
         Some(member) => Some((drawn.clone(), member)),
@@ -156,9 +174,48 @@ where
     let Some(body) = read_body(front, call).await else {
         return;
     };
+    if let Some(limits) = limits.filter(|l| l.prices_bodies()) {
+        if !within_limits(front, call, limits, Phase::Body(body.bytes.len())).await {
+            return;
+        }
+    }
     let wire = headers::upstream_request(call, body.bytes, front.client(), front.tls());
     let replayable = wire.body_len() <= active.config.retry.buffer_body_max;
     forward::forward(front, call, wire, replayable).await;
+}
+
+/// Runs the route's limit rules of `phase`; false when one refused the
+/// request, which has then been answered with a 429.
+async fn within_limits<F: Front>(
+    front: &mut F,
+    call: &mut Call<F::Head>,
+    limits: &RouteLimits,
+    phase: Phase,
+) -> bool
+where
+    F::Head: Send + Sync,
+{
+    let now = ratelimit::now_ns(call.start);
+    let checked = limits
+        .check(
+            &call.head,
+            front.client(),
+            now,
+            phase,
+            &mut call.slots,
+            &mut call.shadow_limited,
+        )
+        .await;
+    let Err(limited) = checked else {
+        return true;
+    };
+    if phase == Phase::Head && call.head.has_body() {
+        call.keep = false; // the unread body would be taken for the next request
+    }
+    let answer = (429, "rate_limited", limited.message.as_str());
+    answer::respond_with(front, call, answer, &limited.headers).await;
+    call.limited = Some(limited.rule);
+    false
 }
 
 /// Limits a head must meet before anything else is done for it. The

@@ -29,6 +29,8 @@ pub struct Backend {
     flags: AtomicU8,
     in_flight: AtomicU32,
     queue_depth: AtomicU32,
+    /// The queue capacity of the latest report (0 = not stated).
+    queue_capacity: AtomicU32,
     /// When the queue depth was reported (clock ms; 0 = never).
     report_at_ms: AtomicU64,
     consecutive_failures: AtomicU32,
@@ -60,6 +62,7 @@ impl Backend {
             flags: AtomicU8::new(0),
             in_flight: AtomicU32::new(0),
             queue_depth: AtomicU32::new(0),
+            queue_capacity: AtomicU32::new(0),
             report_at_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
@@ -88,6 +91,20 @@ impl Backend {
         } else {
             in_flight
         }
+    }
+
+    /// (Reported queue depth + requests in flight through this proxy) over
+    /// the reported capacity; 1, saturated, without a report younger than
+    /// `ttl_ms` that states a capacity: a backend that stopped reporting
+    /// may be too busy to.
+    pub fn saturation(&self, now_ms: u64, ttl_ms: u64) -> f64 {
+        let at = self.report_at_ms.load(Relaxed);
+        let capacity = self.queue_capacity.load(Relaxed);
+        if at == 0 || now_ms.saturating_sub(at) >= ttl_ms || capacity == 0 {
+            return 1.0;
+        }
+        let work = self.queue_depth.load(Relaxed) + self.in_flight.load(Relaxed);
+        f64::from(work) / f64::from(capacity)
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -163,14 +180,15 @@ impl Backend {
         *self.last_error.lock().expect("last_error lock") = Some(error);
     }
 
-    /// Records the queue depth of a fresh readiness report.
     /// Queue depth of the latest readiness report.
     pub fn queue_depth(&self) -> u32 {
         self.queue_depth.load(Relaxed)
     }
 
-    pub fn set_queue_depth(&self, depth: u32, now_ms: u64) {
+    /// Records the queue of a fresh readiness report.
+    pub fn set_queue(&self, depth: u32, capacity: u32, now_ms: u64) {
         self.queue_depth.store(depth, Relaxed);
+        self.queue_capacity.store(capacity, Relaxed);
         self.report_at_ms.store(now_ms.max(1), Relaxed);
         self.metrics.queue_depth.set(i64::from(depth));
     }

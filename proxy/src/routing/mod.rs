@@ -1,11 +1,12 @@
 //! Where a request goes: route matching, the split between pools, and the
 //! weighted least-connections choice inside a pool, from each backend's
-//! readiness report.
+//! readiness report, and shedding by priority when the fleet saturates.
 
 mod backend;
 mod pool;
 mod readiness;
 mod router;
+mod shed;
 mod window;
 
 use std::collections::{BTreeSet, HashMap};
@@ -16,9 +17,10 @@ pub use backend::{Backend, Lease};
 pub use pool::{Member, Pool};
 pub use readiness::{Progress, Report};
 pub use router::{
-    bucket_of, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split, SplitEntry,
-    StickyKey, BUCKETS,
+    bucket_of, key_value, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split,
+    SplitEntry, StickyKey, BUCKETS,
 };
+pub use shed::{saturation, ShedRule};
 pub use window::{Agreement, ArmTraffic, ArmWindow, MirrorSlot, Overrides, RouteWindows};
 
 use crate::metrics::Metrics;

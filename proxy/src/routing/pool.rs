@@ -82,6 +82,17 @@ impl Pool {
             .or_else(|| self.scan(tried, now))
     }
 
+    /// The sum of the eligible members' saturations, and their count.
+    pub fn saturation(&self, now_ms: u64) -> (f64, usize) {
+        let eligible = self.members.iter().filter(|m| self.usable(m, &[]));
+        eligible.fold((0.0, 0), |(sum, n), m| {
+            (
+                sum + m.backend.saturation(now_ms, self.report_ttl_ms),
+                n + 1,
+            )
+        })
+    }
+
     fn usable(&self, m: &Member, tried: &[SocketAddr]) -> bool {
         m.weight > 0 && m.backend.is_eligible() && !tried.contains(&m.backend.addr)
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use prometheus::IntCounter;
 
-use super::{fastrand, Overrides, Pool, RouteWindows};
+use super::{fastrand, Overrides, Pool, RouteWindows, ShedRule};
 use crate::config::{RouteSpec, Sticky};
 use crate::metrics::Metrics;
 
@@ -121,6 +121,8 @@ impl Split {
 pub struct Route {
     /// The route's `name` or `routes[i]`: its label in metrics and the API.
     pub name: String,
+    /// Its position in the file, which indexes per-route state elsewhere.
+    pub index: usize,
     pub host: HostMatch,
     pub path_prefix: String,
     pub split: Split,
@@ -129,6 +131,7 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     /// The traffic windows of a route under rollout.
     pub windows: Option<Arc<RouteWindows>>,
+    pub shed: Option<ShedRule>,
 }
 
 /// The other pools of a split, tried when the drawn pool has no eligible
@@ -190,7 +193,7 @@ impl Route {
         if let Some(pool) = self.forced_pool(req) {
             return (pool, true);
         }
-        let pool = match self.sticky.as_ref().and_then(|k| sticky_value(k, req)) {
+        let pool = match self.sticky.as_ref().and_then(|k| key_value(k, req)) {
             Some(key) => self.split.pool_for_bucket(bucket_of(key)),
             None => self.split.draw(),
         };
@@ -224,7 +227,8 @@ impl Route {
 
 static COOKIE: HeaderName = http::header::COOKIE;
 
-fn sticky_value<'r>(key: &'r StickyKey, req: &'r impl RequestHeaders) -> Option<&'r [u8]> {
+/// The value of a header, or of a cookie, that keys a request.
+pub fn key_value<'r>(key: &'r StickyKey, req: &'r impl RequestHeaders) -> Option<&'r [u8]> {
     match key {
         StickyKey::Header(name) => req.first(name),
         StickyKey::Cookie(name) => req
@@ -273,13 +277,16 @@ impl Router {
                     .falls_back()
                     .then(|| Fallback::new(&name, &split, metrics));
                 let windows = overrides.windows.get(&name).cloned();
+                let shed = spec.shed.as_ref().map(|s| ShedRule::new(&name, s, metrics));
                 Route {
                     name,
+                    index: i,
                     host: HostMatch::parse(spec.host.as_deref()),
                     path_prefix: spec.path_prefix.clone(),
                     split,
                     fallback,
                     windows,
+                    shed,
                     sticky: spec.sticky.as_ref().map(sticky_key),
                     force: spec.force.as_ref().map(|f| ForceRule {
                         header: HeaderName::from_bytes(f.header.as_bytes())
@@ -384,11 +391,11 @@ mod tests {
         req.insert("x-user", "u1".parse().expect("value"));
         req.append("cookie", "a=1; sid=abc".parse().expect("value"));
         let header = StickyKey::Header(HeaderName::from_static("x-user"));
-        assert_eq!(sticky_value(&header, &req), Some(&b"u1"[..]));
+        assert_eq!(key_value(&header, &req), Some(&b"u1"[..]));
         let cookie = StickyKey::Cookie("sid".to_string());
-        assert_eq!(sticky_value(&cookie, &req), Some(&b"abc"[..]));
+        assert_eq!(key_value(&cookie, &req), Some(&b"abc"[..]));
         let missing = StickyKey::Cookie("other".to_string());
-        assert_eq!(sticky_value(&missing, &req), None);
+        assert_eq!(key_value(&missing, &req), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Control {
     pub failing: AtomicBool,
     /// Non-health requests received.
     pub requests: AtomicU64,
+    /// Reported as `queue_depth` (of a capacity of 256).
+    pub queue_depth: AtomicU64,
     /// When set, requests get an OpenAI-shaped embeddings answer with this
     /// vector (`data[0].embedding`) instead of the echo.
     pub embedding: std::sync::Mutex<Option<Vec<f64>>>,
@@ -89,7 +91,7 @@ async fn health(State(c): State<Arc<Control>>) -> Response {
         "ready": ready,
         "version": format!("{}-v1", c.name),
         "model": "test",
-        "queue_depth": 0,
+        "queue_depth": c.queue_depth.load(SeqCst),
         "queue_capacity": 256,
         "in_flight": 0,
         "cache_hit_rate": 0.5,
