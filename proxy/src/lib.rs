@@ -9,7 +9,7 @@
 //! [`codec`] (HTTP/1.1 on the wire, both directions); beside them
 //! [`health`] (active checks), [`metrics`] and [`admin`] (the admin
 //! listener), [`reload`] (file watch, SIGHUP), [`state`] (persisted
-//! drains), [`rollout`] (canary analysis), [`ratelimit`] (per-client rate
+//! drains), [`replicas`] (drains shared through Redis), [`rollout`] (canary analysis), [`ratelimit`] (per-client rate
 //! and concurrency limits, local or shared through Redis), [`shared`] (the
 //! state they share) and [`server`] (wiring).
 //! `docs/request-path.md` walks one request through them.
@@ -27,6 +27,7 @@ pub mod listener;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reload;
+pub mod replicas;
 pub mod request;
 pub mod rollout;
 pub mod routing;

@@ -22,6 +22,7 @@ use crate::config::{Config, HttpMode};
 use crate::health::{self, Checker};
 use crate::listener::{CountTls, Frontend, Gate, PlainListener};
 use crate::reload::Reloader;
+use crate::replicas::ReplicaSync;
 use crate::rollout::controller::Controller;
 use crate::shared::Shared;
 use crate::tls::{self, CertStore};
@@ -183,6 +184,10 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     server.add_service(background_service(
         "switchyard rollouts",
         Controller::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "switchyard replicas",
+        ReplicaSync::new(shared.clone()),
     ));
     server.add_service(background_service(
         "switchyard drain on exit",

@@ -2,7 +2,7 @@
 //! TLS key pair, which live as long as the process, and the active
 //! configuration snapshot, which a reload swaps whole.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::{Limiters, RouteLimits};
+use crate::replicas::SyncStatus;
 use crate::rollout::Rollout;
 use crate::routing::{Backend, Overrides, Pool, Registry, RouteWindows, Router};
 use crate::state::{self, State};
@@ -104,6 +105,8 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     /// Rate-limit state, kept across reloads.
     pub limiters: Arc<Limiters>,
+    /// Drains shared with other replicas (`[replicas]`).
+    pub sync: SyncStatus,
     active: ArcSwap<Active>,
     status: Mutex<ReloadStatus>,
     /// Serializes reloads and state-file writes.
@@ -152,6 +155,7 @@ impl Shared {
             config_path,
             certs,
             limiters,
+            sync: SyncStatus::default(),
             active: ArcSwap::from_pointee(active),
             status: Mutex::new(status),
             writer: Mutex::new(()),
@@ -311,9 +315,29 @@ impl Shared {
         let Some(backend) = self.registry.set_drained(addr, on) else {
             return Ok(None);
         };
+        if self.active().config.replicas.redis_url.is_some() {
+            self.sync.push(*addr, on);
+        }
         self.save_state(&self.rollouts.lock().expect("rollouts lock"))?;
         tracing::info!(backend = %backend.name, drained = on, "drain state changed");
         Ok(Some(backend))
+    }
+
+    /// Applies the drained set another replica published (version
+    /// `version`) and keeps it in the state file.
+    pub fn apply_drains(&self, set: &BTreeSet<SocketAddr>, version: i64) {
+        let _writer = self.writer.lock().expect("writer lock");
+        let before: BTreeSet<SocketAddr> = self.registry.drained().into_iter().collect();
+        self.registry.replace_drains(set);
+        self.sync
+            .version
+            .store(version, std::sync::atomic::Ordering::Relaxed);
+        if before != *set {
+            tracing::info!(target: "switchyard::replicas", version, drained = ?set, "drains from the other replicas applied");
+            if let Err(e) = self.save_state(&self.rollouts.lock().expect("rollouts lock")) {
+                tracing::error!(error = %e, "cannot write the state file");
+            }
+        }
     }
 
     /// Copies scrape-time values (in-flight counts, tracked rate-limit

@@ -44,12 +44,39 @@ pub struct Config {
     #[serde(default)]
     pub rate_limits: RateLimitSection,
     #[serde(default)]
+    pub replicas: ReplicaSection,
+    #[serde(default)]
     pub response_headers: ResponseHeaders,
     pub pools: BTreeMap<String, PoolSpec>,
     pub routes: Vec<RouteSpec>,
     /// SHA-256 of the file text this was parsed from.
     #[serde(skip)]
     pub source_hash: String,
+}
+
+/// `[replicas]`: runtime state (drains) shared with other replicas
+/// through Redis. Read at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaSection {
+    /// Redis shared by the replicas, e.g. `redis://10.0.0.5:6379`; without
+    /// it, drains stay with this process.
+    pub redis_url: Option<String>,
+    /// How often a replica checks the shared version, whatever pub/sub says.
+    #[serde(with = "duration")]
+    pub resync_interval: Duration,
+    /// Prefix of the Redis keys, so several fleets can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for ReplicaSection {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            resync_interval: Duration::from_secs(1),
+            key_prefix: "switchyard".into(),
+        }
+    }
 }
 
 /// Process-level settings handed to Pingora's `ServerConf`.

@@ -92,6 +92,23 @@ impl Registry {
         }
     }
 
+    /// Makes `set` the drained addresses (another replica's word):
+    /// backends leaving it take traffic again, those entering it drain.
+    pub fn replace_drains(&self, set: &BTreeSet<SocketAddr>) {
+        let mut inner = self.lock();
+        for addr in inner.drained.difference(set) {
+            if let Some(b) = inner.backends.get(addr) {
+                b.set_draining(false);
+            }
+        }
+        for addr in set {
+            if let Some(b) = inner.backends.get(addr) {
+                b.set_draining(true);
+            }
+        }
+        inner.drained = set.clone();
+    }
+
     pub fn drained(&self) -> Vec<SocketAddr> {
         self.lock().drained.iter().copied().collect()
     }
