@@ -310,6 +310,17 @@ impl Shared {
         for backend in self.registry.all() {
             backend.publish_in_flight();
         }
+        let active = self.active();
+        let members = active.pools.values().flat_map(|p| {
+            p.members.iter().map(|m| {
+                (
+                    p.name.as_str(),
+                    m.backend.name.as_str(),
+                    m.backend.connecting(),
+                )
+            })
+        });
+        self.metrics.set_connecting(members);
     }
 }
 
