@@ -4,7 +4,7 @@
 //!
 //! | method | path | |
 //! | --- | --- | --- |
-//! | GET | `/admin/backends` | every backend: pool, weight, state, in-flight, report |
+//! | GET | `/admin/backends` | every backend: pool, weight, state, in-flight and connecting counts with their caps, report |
 //! | POST | `/admin/backends/{addr}/drain[?wait=30s]` | stop new requests; optionally wait for in-flight to reach 0 |
 //! | POST | `/admin/backends/{addr}/undrain` | take requests again |
 //! | GET | `/admin/routes` | effective routes and splits |
@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use crate::config::RolloutSpec;
 use crate::rollout::{Phase, Rollout};
-use crate::routing::{clock, strip_port, Backend, HostMatch, Member, StickyKey};
+use crate::routing::{clock, strip_port, Backend, HostMatch, Member, StickyKey, NO_CAP};
 use crate::shared::Shared;
 
 /// Longest `?wait=` a drain accepts.
@@ -352,14 +352,16 @@ fn backend_json(b: &Backend, membership: Option<(&str, &Member)>) -> Value {
         v
     });
     let last_error = b.last_error().or_else(|| progress.last_error.clone());
-    let (pool, weight, requests) = match membership {
+    let (pool, weight, requests, caps) = match membership {
         Some((pool, m)) => (
             Some(pool),
             m.weight,
             m.requests.iter().map(|c| c.get()).sum(),
+            [m.max_in_flight, m.max_connecting],
         ),
-        None => (None, 0, 0u64),
+        None => (None, 0, 0u64, [NO_CAP; 2]),
     };
+    let [max_in_flight, max_connecting] = caps.map(|c| (c != NO_CAP).then_some(c));
     json!({
         "pool": pool,
         "address": b.addr.to_string(),
@@ -372,6 +374,9 @@ fn backend_json(b: &Backend, membership: Option<(&str, &Member)>) -> Value {
             Some(_) => state_of(b),
         },
         "in_flight": b.in_flight(),
+        "max_in_flight": max_in_flight,
+        "connecting": b.connecting(),
+        "max_connecting": max_connecting,
         "healthy": b.is_healthy(),
         "ready": b.is_ready(),
         "requests": requests,

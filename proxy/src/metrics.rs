@@ -39,6 +39,8 @@ pub struct Metrics {
     retries: IntCounterVec,
     fallbacks: IntCounterVec,
     ejections: IntCounterVec,
+    full_skips: IntCounterVec,
+    connecting: IntGaugeVec,
     health_checks: IntCounterVec,
     reloads: IntCounterVec,
     last_reload_success: Gauge,
@@ -248,6 +250,23 @@ impl Metrics {
                 "Passive-check ejections, per backend.",
                 &["backend"],
             ),
+            full_skips: counter_vec(
+                &r,
+                "switchyard_backend_full_skips_total",
+                "Picks that passed over a backend because it was at its max_in_flight or max_connecting (retry checks included).",
+                &["pool", "backend"],
+            ),
+            connecting: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "switchyard_backend_connecting",
+                        "Connects to the backend in progress, under each pool it is a member of.",
+                    ),
+                    &["pool", "backend"],
+                )
+                .expect("valid metric"),
+            ),
             health_checks: counter_vec(
                 &r,
                 "switchyard_health_checks_total",
@@ -389,6 +408,22 @@ impl Metrics {
             duration: self.duration.with_label_values(&[pool]),
             retries: self.retries.with_label_values(&[pool]),
             unserved: self.requests_by_class(pool, "none"),
+        }
+    }
+
+    /// `switchyard_backend_full_skips_total` for one pool member.
+    pub fn full_skips(&self, pool: &str, backend: &str) -> IntCounter {
+        self.full_skips.with_label_values(&[pool, backend])
+    }
+
+    /// Replaces the published connect counts with `counts` (pool,
+    /// backend, count), so that a pool gone in a reload leaves no series.
+    pub fn set_connecting<'a>(&self, counts: impl Iterator<Item = (&'a str, &'a str, u32)>) {
+        self.connecting.reset();
+        for (pool, backend, n) in counts {
+            self.connecting
+                .with_label_values(&[pool, backend])
+                .set(i64::from(n));
         }
     }
 

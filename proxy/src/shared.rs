@@ -351,7 +351,8 @@ impl Shared {
             let tracked = i64::try_from(state.tracked()).unwrap_or(i64::MAX);
             edge.keys.with_label_values(&[&route, &rule]).set(tracked);
         }
-        for route in self.active().router.routes() {
+        let active = self.active();
+        for route in active.router.routes() {
             if route.shed.is_some() {
                 let saturation = crate::routing::saturation(&route.split);
                 edge.saturation
@@ -359,6 +360,16 @@ impl Shared {
                     .set(saturation);
             }
         }
+        let members = active.pools.values().flat_map(|p| {
+            p.members.iter().map(|m| {
+                (
+                    p.name.as_str(),
+                    m.backend.name.as_str(),
+                    m.backend.connecting(),
+                )
+            })
+        });
+        self.metrics.set_connecting(members);
     }
 }
 

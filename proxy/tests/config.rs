@@ -121,6 +121,23 @@ const CASES: &[Case] = &[
         message: "needs at least one backend with weight > 0",
     },
     Case {
+        name: "zero max_in_flight on a pool",
+        edit: ("[pools.green]\n", "[pools.green]\nmax_in_flight = 0\n"),
+        key: "pools.green.max_in_flight",
+        line_of: "max_in_flight = 0",
+        message: "must be at least 1",
+    },
+    Case {
+        name: "zero max_connecting on a backend",
+        edit: (
+            "{ address = \"127.0.0.1:9201\" }",
+            "{ address = \"127.0.0.1:9201\", max_connecting = 0 }",
+        ),
+        key: "pools.green.backends[0].max_connecting",
+        line_of: "max_connecting = 0",
+        message: "must be at least 1",
+    },
+    Case {
         name: "backend without port",
         edit: ("127.0.0.1:9201", "127.0.0.1"),
         key: "pools.green.backends[0].address",

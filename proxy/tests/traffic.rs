@@ -1,6 +1,6 @@
 //! Traffic control under load: drains, hot reloads (blue/green, canary,
-//! sticky, forced pool, invalid edits, removed backends), graceful upgrade
-//! and the admin API's error cases. What decides a single request's way
+//! sticky, forced pool, invalid edits, removed backends), graceful upgrade,
+//! per-backend caps (`max_in_flight`) and the admin API's error cases. What decides a single request's way
 //! runs over each client protocol (see `common::matrix`).
 
 mod common;
@@ -561,3 +561,147 @@ matrix!(
         assert!(refused > 0, "no request was refused without fallback");
     }
 );
+
+/// The sample of metric `name` for `up` in pool `p`.
+fn member_metric(scrape: &str, name: &str, up: &Upstream) -> Option<f64> {
+    metric(
+        scrape,
+        &format!("{name}{{backend=\"{}\",pool=\"p\"}}", up.addr),
+    )
+}
+
+/// Starts a GET of `/` through `via` in the background: its status and
+/// the instance that answered.
+fn in_background(via: &Via) -> tokio::task::JoinHandle<(u16, String)> {
+    let via = via.clone();
+    tokio::spawn(async move {
+        let resp = via.send(via.get("/")).await;
+        let instance = resp.headers()["x-switchyard-instance"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        (resp.status().as_u16(), instance)
+    })
+}
+
+/// Waits until `up` has received `n` requests.
+async fn received(up: &Upstream, n: u64) {
+    let seen = eventually(Duration::from_secs(5), || up.control.requests() >= n).await;
+    assert!(
+        seen,
+        "{} got {} requests",
+        up.control.name,
+        up.control.requests()
+    );
+}
+
+matrix!(
+    a_pool_whose_backends_are_all_full_answers_503_at_once,
+    |proto| async move {
+        let a = Upstream::start("a", 1000).await;
+        let b = Upstream::start("b", 1000).await;
+        let body = pool("p", &[(a.addr, 1), (b.addr, 1)])
+            + "max_in_flight = 1\n"
+            + &split_route("p = 100", "");
+        let proxy = proto.start(&body).await;
+        let via = proxy.via(proto);
+        let held = [in_background(&via), in_background(&via)];
+        received(&a, 1).await;
+        received(&b, 1).await;
+        let entry = backend_entry(&proxy, &a).await;
+        assert_eq!(
+            (&entry["in_flight"], &entry["max_in_flight"]),
+            (&serde_json::json!(1), &serde_json::json!(1)),
+            "{entry}"
+        );
+        assert_eq!(entry["max_connecting"], serde_json::Value::Null, "{entry}");
+
+        let started = std::time::Instant::now();
+        let resp = via.send(via.get("/")).await;
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 503);
+        assert!(took < Duration::from_millis(300), "refused after {took:?}");
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert!(resp.headers().contains_key("x-request-id"));
+        let error: serde_json::Value = resp.json().await.expect("JSON error body");
+        assert_eq!(error["error"]["type"], "no_backend", "{error}");
+
+        let mut served = Vec::new();
+        for request in held {
+            let (status, instance) = request.await.expect("join");
+            assert_eq!(status, 200);
+            served.push(instance);
+        }
+        served.sort();
+        assert_eq!(served, ["a", "b"], "one request on each backend");
+        let scrape = proxy.metrics().await;
+        for up in [&a, &b] {
+            let skips = member_metric(&scrape, "switchyard_backend_full_skips_total", up);
+            assert!(skips.is_some_and(|n| n >= 1.0), "{skips:?}");
+            let connecting = member_metric(&scrape, "switchyard_backend_connecting", up);
+            assert_eq!(connecting, Some(0.0));
+        }
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_backend_is_skipped_while_its_sibling_has_room() {
+    let slow = Upstream::start("slow", 200).await;
+    let fast = Upstream::start("fast", 5).await;
+    // The cap on the slow backend alone: the pool can always take more.
+    let body = format!(
+        "[pools.p]\nbackends = [{{ address = \"{}\", max_in_flight = 2 }}, \
+         {{ address = \"{}\" }}]\n{}",
+        slow.addr,
+        fast.addr,
+        split_route("p = 100", "")
+    );
+    let proxy = Proxy::start(&body).await;
+    let load = Load::start(&proxy, 8);
+    sleep_ms(1500).await;
+    load.finish().await;
+    // Without the cap, least-connections would even out the in-flight
+    // counts: about four each.
+    let peak = slow.control.peak_concurrency();
+    assert!(
+        (1..=2).contains(&peak),
+        "slow backend served {peak} at once"
+    );
+    assert!(fast.control.requests() > slow.control.requests());
+    let scrape = proxy.metrics().await;
+    let skips = member_metric(&scrape, "switchyard_backend_full_skips_total", &slow);
+    assert!(skips.is_some_and(|n| n >= 1.0), "{skips:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_lowers_the_cap_counts_requests_already_in_flight() {
+    let slow = Upstream::start("slow", 1500).await;
+    let with_cap = |cap: u32| {
+        pool("p", &[(slow.addr, 1)])
+            + &format!("max_in_flight = {cap}\n")
+            + &split_route("p = 100", "")
+    };
+    let proxy = Proxy::start(&with_cap(4)).await;
+    let via = proxy.via(common::Proto::H2);
+    let held = [in_background(&via), in_background(&via)];
+    received(&slow, 2).await;
+
+    proxy.rewrite(&with_cap(1));
+    let (status, reload) = proxy.admin("POST", "/admin/reload").await;
+    assert_eq!((status, &reload["result"]), (200, &serde_json::json!("ok")));
+    assert_eq!(backend_entry(&proxy, &slow).await["max_in_flight"], 1);
+    // The two requests from before the reload still count against it.
+    assert_eq!(via.send(via.get("/")).await.status(), 503);
+
+    for request in held {
+        assert_eq!(request.await.expect("join").0, 200);
+    }
+    let mut entry = serde_json::Value::Null;
+    let idle = eventually(Duration::from_secs(2), || {
+        entry = futures_block(proxy.admin("GET", "/admin/backends"));
+        entry["backends"][0]["in_flight"] == 0
+    })
+    .await;
+    assert!(idle, "{entry}");
+    assert_eq!(via.send(via.get("/")).await.status(), 200);
+}

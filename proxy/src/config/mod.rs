@@ -365,6 +365,10 @@ impl Default for ResponseHeaders {
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     pub backends: Vec<BackendSpec>,
+    /// Requests in flight per backend past which a pick skips it.
+    pub max_in_flight: Option<u32>,
+    /// Connects in progress per backend past which a pick skips it.
+    pub max_connecting: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -374,6 +378,10 @@ pub struct BackendSpec {
     pub address: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Overrides the pool's `max_in_flight` for this backend.
+    pub max_in_flight: Option<u32>,
+    /// Overrides the pool's `max_connecting` for this backend.
+    pub max_connecting: Option<u32>,
     /// The socket address `address` resolved to; runtime state is keyed by it.
     #[serde(skip)]
     pub socket: Option<SocketAddr>,

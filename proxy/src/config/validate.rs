@@ -259,8 +259,10 @@ impl Validator {
             self.fail(list.clone(), format!("pool '{name}' has no backends"));
             return;
         }
+        self.caps(path, pool.max_in_flight, pool.max_connecting);
         let mut seen: HashSet<SocketAddr> = HashSet::new();
         for (i, b) in pool.backends.iter_mut().enumerate() {
+            self.caps(&list.index(i), b.max_in_flight, b.max_connecting);
             let at = list.index(i).key("address");
             match resolve(&b.address) {
                 Ok(addr) => {
@@ -276,6 +278,18 @@ impl Validator {
         if pool.backends.iter().all(|b| b.weight == 0) {
             let msg = format!("pool '{name}' needs at least one backend with weight > 0");
             self.fail(list.index(0).key("weight"), msg);
+        }
+    }
+
+    /// A cap of 0 would keep the backend out of service for good.
+    fn caps(&mut self, at: &KeyPath, max_in_flight: Option<u32>, max_connecting: Option<u32>) {
+        for (key, cap) in [
+            ("max_in_flight", max_in_flight),
+            ("max_connecting", max_connecting),
+        ] {
+            if cap == Some(0) {
+                self.fail(at.key(key), "must be at least 1 (leave it out for no cap)");
+            }
         }
     }
 

@@ -72,7 +72,8 @@ pub async fn attempt(
     loop {
         let mut conn = match pooled.take() {
             Some(conn) => conn,
-            None => Conn::open(backend.addr, timeouts.connect.min(left))
+            None => backend
+                .connect(timeouts.connect.min(left))
                 .await
                 .map_err(|e| (Failure::Connect(e), false))?,
         };

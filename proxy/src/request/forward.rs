@@ -12,7 +12,7 @@ use super::{Call, Front, Head as _};
 use crate::codec::body::RelayError;
 use crate::codec::head::ResponseHead;
 use crate::config::Config;
-use crate::routing::{Backend, Lease, Pool};
+use crate::routing::{Backend, Pool};
 use crate::upstream::Conn;
 
 /// Attempts on backends until one answers or the retry rule says stop.
@@ -68,11 +68,11 @@ pub async fn forward<F: Front>(
                 }
             }
         }
-        let Some(next) = pool.pick(&call.tried) else {
+        let Some((next, lease)) = pool.lease(&call.tried) else {
             return answer::refuse(front, call, Refusal::NoBackend).await;
         };
         pool.metrics.retries.inc();
-        call.lease = Some(Lease::new(pool.members[next].backend.clone()));
+        call.lease = Some(lease);
         call.member = Some(next);
     }
 }

@@ -15,7 +15,7 @@ use super::attempt::attempt;
 use super::headers::Wire;
 use crate::codec::body;
 use crate::codec::head::{Framing, ResponseHead};
-use crate::routing::{Lease, MirrorSlot, RouteWindows};
+use crate::routing::{MirrorSlot, RouteWindows};
 use crate::shared::Active;
 use crate::upstream::Conn;
 
@@ -78,12 +78,11 @@ impl Mirror {
             let Some(pool) = active.pools.get(&windows.pools[1 - arm]) else {
                 return;
             };
-            let Some(member) = pool.pick(&[]) else {
+            // The mirror is load like any other request on that backend.
+            let Some((member, _lease)) = pool.lease(&[]) else {
                 return;
             };
             let backend = pool.members[member].backend.clone();
-            // The mirror is load like any other request on that backend.
-            let _lease = Lease::new(backend.clone());
             let timeouts = &active.config.timeouts;
             let tried = attempt(&backend, &wire, timeouts, timeouts.total, false, true).await;
             let Ok((mut conn, resp)) = tried else {

@@ -31,7 +31,7 @@ use crate::codec::body::{Body, BodyError, BodyLimits, RelayError, Relayed};
 use crate::codec::head::{Known, ResponseHead};
 use crate::config::LimitSection;
 use crate::ratelimit::{self, Phase, RouteLimits};
-use crate::routing::{Lease, RequestHeaders};
+use crate::routing::RequestHeaders;
 use crate::upstream::Conn;
 
 /// A request head as the core reads it, whatever protocol carried it.
@@ -152,19 +152,19 @@ where
         return answer::refuse_unread(front, call, 503, "overloaded", &msg).await;
     }
     let (drawn, forced) = route.choose_pool(&call.head);
-    let picked = match drawn.pick(&[]) {
-        Some(member) => Some((drawn.clone(), member)),
+    let picked = match drawn.lease(&[]) {
+        Some((member, lease)) => Some((drawn.clone(), member, lease)),
         // A forced pool is the client's explicit choice: no substitute.
         None if !forced => route.fall_back(drawn),
         None => None,
     };
-    let Some((pool, first)) = picked else {
+    let Some((pool, first, lease)) = picked else {
         call.refusal = Some(Refusal::NoBackend);
         let (status, kind, msg) = Refusal::NoBackend.describe(&drawn.name);
         call.pool = Some(drawn.clone());
         return answer::refuse_unread(front, call, status, kind, &msg).await;
     };
-    call.lease = Some(Lease::new(pool.members[first].backend.clone()));
+    call.lease = Some(lease);
     call.member = Some(first);
     call.arm = route
         .windows

@@ -2,13 +2,15 @@
 //! outlives any one configuration (in-flight counts, health, ejections and
 //! drains carry across reloads).
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::config::PassiveSection;
 use crate::metrics::BackendMetrics;
-use crate::upstream::Idle;
+use crate::upstream::{Conn, Idle};
 
 use super::{clock, Progress};
 
@@ -28,6 +30,8 @@ pub struct Backend {
     /// HEALTHY | READY | EJECTED | DRAINING, read with one load per pick.
     flags: AtomicU8,
     in_flight: AtomicU32,
+    /// Connects to it in progress (see [`Backend::connect`]).
+    connecting: AtomicU32,
     queue_depth: AtomicU32,
     /// The queue capacity of the latest report (0 = not stated).
     queue_capacity: AtomicU32,
@@ -61,6 +65,7 @@ impl Backend {
             name,
             flags: AtomicU8::new(0),
             in_flight: AtomicU32::new(0),
+            connecting: AtomicU32::new(0),
             queue_depth: AtomicU32::new(0),
             queue_capacity: AtomicU32::new(0),
             report_at_ms: AtomicU64::new(0),
@@ -109,6 +114,24 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Relaxed)
+    }
+
+    pub fn connecting(&self) -> u32 {
+        self.connecting.load(Relaxed)
+    }
+
+    /// Opens a connection for a request. It counts among the connects in
+    /// progress until it is open or has failed, or until the attempt is
+    /// dropped (a cancelled request), so the count cannot leak.
+    pub async fn connect(&self, wait: Duration) -> io::Result<Conn> {
+        let _pending = Pending::new(&self.connecting);
+        Conn::open(self.addr, wait).await
+    }
+
+    /// A connect in progress without the connection, for selection tests.
+    #[cfg(test)]
+    pub(super) fn hold_connect(&self) -> impl Drop + '_ {
+        Pending::new(&self.connecting)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -268,6 +291,22 @@ fn duration_ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// One connect in progress, uncounted when dropped.
+struct Pending<'a>(&'a AtomicU32);
+
+impl<'a> Pending<'a> {
+    fn new(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// One request's claim on a backend: counted in its in-flight load while
 /// alive. Held in the request context, replaced on retry and dropped when
 /// the request ends or is cancelled, so the count cannot leak.
@@ -276,9 +315,19 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(backend: Arc<Backend>) -> Self {
-        backend.in_flight.fetch_add(1, Relaxed);
-        Self { backend }
+    /// Counts a request on `backend` unless `cap` are already in flight
+    /// ([`super::NO_CAP`]: no cap). Claiming by add-then-check keeps the uncapped
+    /// claim one atomic add, as cheap as an unconditional count; a refused
+    /// claim overstates the count for an instant, which can only make a
+    /// concurrent claim more careful, never let one past the cap.
+    pub fn claim(backend: &Arc<Backend>, cap: u32) -> Option<Self> {
+        if backend.in_flight.fetch_add(1, Relaxed) >= cap {
+            backend.in_flight.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Self {
+            backend: backend.clone(),
+        })
     }
 
     pub fn backend(&self) -> &Arc<Backend> {

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 pub use backend::{Backend, Lease};
-pub use pool::{Member, Pool};
+pub use pool::{Member, Pool, NO_CAP};
 pub use readiness::{Progress, Report};
 pub use router::{
     bucket_of, key_value, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split,

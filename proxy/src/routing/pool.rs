@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 
-use super::{clock, fastrand, Backend, Registry};
+use super::{clock, fastrand, Backend, Lease, Registry};
 use crate::config::PoolSpec;
 use crate::metrics::{Metrics, PoolMetrics};
 
@@ -20,12 +20,39 @@ use crate::metrics::{Metrics, PoolMetrics};
 pub struct Member {
     pub backend: Arc<Backend>,
     pub weight: u32,
+    /// Requests in flight past which the member is full ([`NO_CAP`]: none).
+    /// The count is the backend's, over every pool it serves; the cap is
+    /// this configuration's, so a reload changes it and keeps the count.
+    pub max_in_flight: u32,
+    /// Connects in progress past which the member is full.
+    pub max_connecting: u32,
     /// `switchyard_requests_total{pool, backend, code_class}` handles.
     pub requests: [IntCounter; 6],
+    /// `switchyard_backend_full_skips_total{pool, backend}`.
+    full_skips: IntCounter,
+}
+
+/// A cap no count reaches.
+pub const NO_CAP: u32 = u32::MAX;
+
+impl Member {
+    /// At one of its caps; counted as a skip, since only a pick asks.
+    #[inline]
+    fn is_full(&self) -> bool {
+        let full = self.backend.in_flight() >= self.max_in_flight
+            || self.backend.connecting() >= self.max_connecting;
+        if full {
+            self.full_skips.inc();
+        }
+        full
+    }
 }
 
 /// Pools up to this size are scanned on every pick.
 pub const SCAN_MAX: usize = 32;
+/// Picks per lease: each further one follows a claim that lost a capped
+/// backend's last slot to a concurrent request.
+const CLAIM_TRIES: usize = 4;
 /// Members drawn per pick in a larger pool.
 const CHOICES: usize = 2;
 /// Draws allowed per pick before falling back to a scan (most of the pool
@@ -36,6 +63,8 @@ pub struct Pool {
     pub name: String,
     pub members: Vec<Member>,
     pub metrics: PoolMetrics,
+    /// Some member has a cap: without one, picks skip the cap checks.
+    capped: bool,
     report_ttl_ms: u64,
     /// Weighted draws for pools above [`SCAN_MAX`].
     sampler: Option<Alias>,
@@ -54,17 +83,22 @@ impl Pool {
             .iter()
             .map(|b| {
                 let backend = registry.get_or_create(b.socket_addr(), &b.address, metrics);
-                let requests = metrics.requests_by_class(name, &backend.name);
                 Member {
-                    backend,
                     weight: b.weight,
-                    requests,
+                    max_in_flight: b.max_in_flight.or(spec.max_in_flight).unwrap_or(NO_CAP),
+                    max_connecting: b.max_connecting.or(spec.max_connecting).unwrap_or(NO_CAP),
+                    requests: metrics.requests_by_class(name, &backend.name),
+                    full_skips: metrics.full_skips(name, &backend.name),
+                    backend,
                 }
             })
-            .collect();
+            .collect::<Vec<Member>>();
         let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
         Self {
             name: name.to_string(),
+            capped: members
+                .iter()
+                .any(|m| m.max_in_flight != NO_CAP || m.max_connecting != NO_CAP),
             members,
             metrics: metrics.pool(name),
             report_ttl_ms: u64::try_from(report_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -72,8 +106,22 @@ impl Pool {
         }
     }
 
-    /// A member for the next request, or `None` when none is eligible.
-    /// Returns the index into `members`.
+    /// A member for the next request, claimed (see [`Pool::pick`]): the
+    /// lease counts the request in the backend's in-flight load, within
+    /// its cap even when concurrent requests race for the last slot.
+    pub fn lease(&self, tried: &[SocketAddr]) -> Option<(usize, Lease)> {
+        for _ in 0..CLAIM_TRIES {
+            let i = self.pick(tried)?;
+            let m = &self.members[i];
+            if let Some(lease) = Lease::claim(&m.backend, m.max_in_flight) {
+                return Some((i, lease));
+            }
+        }
+        None
+    }
+
+    /// A member for the next request, or `None` when none is eligible and
+    /// below its caps. Returns the index into `members`.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<usize> {
         let now = clock::now_ms();
         self.sampler
@@ -94,7 +142,10 @@ impl Pool {
     }
 
     fn usable(&self, m: &Member, tried: &[SocketAddr]) -> bool {
-        m.weight > 0 && m.backend.is_eligible() && !tried.contains(&m.backend.addr)
+        m.weight > 0
+            && m.backend.is_eligible()
+            && !tried.contains(&m.backend.addr)
+            && !(self.capped && m.is_full())
     }
 
     /// The least loaded of [`CHOICES`] eligible members drawn by weight;
@@ -207,10 +258,11 @@ impl Alias {
 mod tests {
     use super::*;
     use crate::config::BackendSpec;
-    use crate::routing::Lease;
 
-    fn pool_of(weights: &[u32]) -> Pool {
-        let spec = PoolSpec {
+    fn spec_of(weights: &[u32]) -> PoolSpec {
+        PoolSpec {
+            max_in_flight: None,
+            max_connecting: None,
             backends: weights
                 .iter()
                 .enumerate()
@@ -220,14 +272,20 @@ mod tests {
                     BackendSpec {
                         address: addr.to_string(),
                         weight: *w,
+                        max_in_flight: None,
+                        max_connecting: None,
                         socket: Some(addr),
                     }
                 })
                 .collect(),
-        };
+        }
+    }
+
+    /// The pool of `spec`, every member healthy and ready.
+    fn built(spec: &PoolSpec) -> Pool {
         let pool = Pool::build(
             "p",
-            &spec,
+            spec,
             &Registry::default(),
             &Metrics::new(),
             Duration::from_secs(3),
@@ -239,16 +297,24 @@ mod tests {
         pool
     }
 
+    fn pool_of(weights: &[u32]) -> Pool {
+        built(&spec_of(weights))
+    }
+
+    fn busy(m: &Member) -> Lease {
+        Lease::claim(&m.backend, NO_CAP).expect("uncapped")
+    }
+
     #[test]
     fn lowest_load_per_weight_wins() {
         let pool = pool_of(&[1, 2]);
-        let _busy = [Lease::new(pool.members[0].backend.clone())];
+        let _busy = [busy(&pool.members[0])];
         // Member 0: 1/1; member 1: 0/2.
         assert_eq!(pool.pick(&[]), Some(1));
         let _more = [
-            Lease::new(pool.members[1].backend.clone()),
-            Lease::new(pool.members[1].backend.clone()),
-            Lease::new(pool.members[1].backend.clone()),
+            busy(&pool.members[1]),
+            busy(&pool.members[1]),
+            busy(&pool.members[1]),
         ];
         // Member 0: 1/1 = 1; member 1: 3/2 = 1.5.
         assert_eq!(pool.pick(&[]), Some(0));
@@ -292,10 +358,7 @@ mod tests {
         assert!(pool.sampler.is_some());
         // A third of the pool busy: two choices land on a busy member
         // only when both draws do (1/9 of picks).
-        let _busy: Vec<Lease> = pool.members[..100]
-            .iter()
-            .map(|m| Lease::new(m.backend.clone()))
-            .collect();
+        let _busy: Vec<Lease> = pool.members[..100].iter().map(busy).collect();
         let busy = (0..9_000)
             .filter(|_| pool.pick(&[]).is_some_and(|i| i < 100))
             .count();
@@ -310,5 +373,77 @@ mod tests {
         }
         assert_eq!(pool.pick(&[]), Some(0));
         assert_eq!(pool.pick(&[pool.members[0].backend.addr]), None);
+    }
+
+    #[test]
+    fn a_backend_cap_overrides_the_pool_cap() {
+        let mut spec = spec_of(&[1, 1]);
+        spec.max_in_flight = Some(4);
+        spec.backends[1].max_in_flight = Some(2);
+        spec.backends[1].max_connecting = Some(1);
+        let caps: Vec<(u32, u32)> = built(&spec)
+            .members
+            .iter()
+            .map(|m| (m.max_in_flight, m.max_connecting))
+            .collect();
+        assert_eq!(caps, [(4, NO_CAP), (2, 1)]);
+    }
+
+    #[test]
+    fn full_members_are_skipped_even_when_least_loaded() {
+        let mut spec = spec_of(&[10, 1]);
+        spec.backends[0].max_in_flight = Some(1);
+        spec.backends[1].max_connecting = Some(1);
+        let pool = built(&spec);
+        let (a, b) = (&pool.members[0], &pool.members[1]);
+        let _leases = [busy(a), busy(b)];
+        // Load per weight: a 1/10, b 1/1; a would win but is full.
+        assert_eq!(pool.pick(&[]), Some(1));
+        assert_eq!((a.full_skips.get(), b.full_skips.get()), (1, 0));
+
+        let connecting = b.backend.hold_connect();
+        assert_eq!(pool.pick(&[]), None, "every member at a cap");
+        assert_eq!(pool.lease(&[]).map(|(i, _)| i), None);
+        drop(connecting);
+        assert_eq!(pool.pick(&[]), Some(1));
+    }
+
+    #[test]
+    fn a_claim_at_the_cap_is_refused_and_leaves_the_count() {
+        let pool = pool_of(&[1]);
+        let b = &pool.members[0].backend;
+        let held = [Lease::claim(b, 2), Lease::claim(b, 2)];
+        assert!(held.iter().all(Option::is_some));
+        assert!(Lease::claim(b, 2).is_none());
+        assert_eq!(b.in_flight(), 2);
+        drop(held);
+        assert!(Lease::claim(b, 2).is_some());
+    }
+
+    /// Threads race for one slot; the claim, not the pick, keeps them out.
+    #[test]
+    fn concurrent_leases_never_pass_the_cap() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let mut spec = spec_of(&[1]);
+        spec.max_in_flight = Some(1);
+        let pool = built(&spec);
+        // Leases held, counted only while one is held.
+        let (held, peak) = (AtomicU32::new(0), AtomicU32::new(0));
+        let until = std::time::Instant::now() + Duration::from_millis(500);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    while std::time::Instant::now() < until && peak.load(SeqCst) <= 1 {
+                        if let Some((_, lease)) = pool.lease(&[]) {
+                            peak.fetch_max(held.fetch_add(1, SeqCst) + 1, SeqCst);
+                            held.fetch_sub(1, SeqCst);
+                            drop(lease);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(peak.into_inner(), 1, "peak of leases held at once");
+        assert_eq!(pool.members[0].backend.in_flight(), 0, "all released");
     }
 }

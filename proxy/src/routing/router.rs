@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use prometheus::IntCounter;
 
-use super::{fastrand, Overrides, Pool, RouteWindows, ShedRule};
+use super::{fastrand, Lease, Overrides, Pool, RouteWindows, ShedRule};
 use crate::config::{RouteSpec, Sticky};
 use crate::metrics::Metrics;
 
@@ -201,8 +201,8 @@ impl Route {
     }
 
     /// When the drawn pool `from` has no eligible backend: the heaviest
-    /// other pool of the split that has one, and its pick, counted.
-    pub fn fall_back(&self, from: &Pool) -> Option<(Arc<Pool>, usize)> {
+    /// other pool of the split that has one, and its lease, counted.
+    pub fn fall_back(&self, from: &Pool) -> Option<(Arc<Pool>, usize, Lease)> {
         let fallback = self.fallback.as_ref()?;
         let entries = self.split.entries();
         let from_i = entries.iter().position(|e| std::ptr::eq(&*e.pool, from))?;
@@ -212,9 +212,9 @@ impl Route {
             .filter(|&&i| i != from_i)
             .find_map(|&i| {
                 let pool = &entries[i].pool;
-                let member = pool.pick(&[])?;
+                let (member, lease) = pool.lease(&[])?;
                 fallback.counters[from_i][i].inc();
-                Some((pool.clone(), member))
+                Some((pool.clone(), member, lease))
             })
     }
 

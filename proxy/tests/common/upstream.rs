@@ -2,8 +2,9 @@
 //!
 //! `GET /health/ready` answers the JSON report (200 ready, 503 not ready,
 //! or a hang past the checker's timeout when told to "break"); every other
-//! request is counted, delayed as configured and answered with a JSON echo
-//! of the headers and body size it received, or with an overload 503.
+//! request is counted (and how many run at once), delayed as configured and
+//! answered with a JSON echo of the headers and body size it received, or
+//! with an overload 503.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -36,6 +37,9 @@ pub struct Control {
     pub requests: AtomicU64,
     /// Reported as `queue_depth` (of a capacity of 256).
     pub queue_depth: AtomicU64,
+    /// Non-health requests being served right now, and the most at once.
+    serving: AtomicU64,
+    peak_serving: AtomicU64,
     /// When set, requests get an OpenAI-shaped embeddings answer with this
     /// vector (`data[0].embedding`) instead of the echo.
     pub embedding: std::sync::Mutex<Option<Vec<f64>>>,
@@ -48,6 +52,29 @@ impl Control {
 
     pub fn set(&self, flag: &AtomicBool, on: bool) {
         flag.store(on, SeqCst);
+    }
+
+    /// The most non-health requests this upstream has served at once.
+    pub fn peak_concurrency(&self) -> u64 {
+        self.peak_serving.load(SeqCst)
+    }
+}
+
+/// One request being served, until dropped (also when its handler is
+/// cancelled because the proxy went away).
+struct Serving<'a>(&'a Control);
+
+impl<'a> Serving<'a> {
+    fn new(c: &'a Control) -> Self {
+        let now = c.serving.fetch_add(1, SeqCst) + 1;
+        c.peak_serving.fetch_max(now, SeqCst);
+        Self(c)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.serving.fetch_sub(1, SeqCst);
     }
 }
 
@@ -108,6 +135,7 @@ async fn health(State(c): State<Arc<Control>>) -> Response {
 
 async fn serve(State(c): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -> Response {
     c.requests.fetch_add(1, SeqCst);
+    let _serving = Serving::new(&c);
     let delay = c.delay_ms.load(SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
