@@ -68,6 +68,7 @@ impl Admin {
             ["admin", "reload"] => allow(method, &Method::POST, &|| self.reload()),
             ["admin", "routes", name, "rollout"] => get(&|| self.rollout(name)),
             ["admin", "rate-limits"] => get(&|| ok(self.rate_limits(query))),
+            ["admin", "replicas"] => get(&|| ok(self.replicas())),
             ["admin", "routes", name, "rollout", action] => {
                 allow(method, &Method::POST, &|| self.steer(name, action))
             }
@@ -121,6 +122,21 @@ impl Admin {
             })
             .collect();
         json!({ "routes": routes })
+    }
+
+    /// `GET /admin/replicas`: whether drains are shared through Redis,
+    /// whether it answers, the state version applied, changes waiting, and
+    /// this replica's configuration hash (compare them across replicas).
+    fn replicas(&self) -> Value {
+        let sync = &self.shared.sync;
+        let shared = self.shared.active().config.replicas.redis_url.is_some();
+        json!({
+            "shared": shared,
+            "connected": sync.connected.load(std::sync::atomic::Ordering::Relaxed),
+            "state_version": sync.version.load(std::sync::atomic::Ordering::Relaxed),
+            "pending_changes": sync.pending(),
+            "config_hash": self.shared.reload_status().active_hash,
+        })
     }
 
     fn routes(&self) -> Value {

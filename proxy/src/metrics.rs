@@ -55,6 +55,50 @@ pub struct Metrics {
     pub body_buffer_bytes: IntGauge,
     /// Rate limits and load shedding.
     pub edge: EdgeMetrics,
+    /// What a replica shares with the others; set at scrape time.
+    pub replica: ReplicaMetrics,
+}
+
+/// `[replicas]`: whether Redis answers, the state version applied, and the
+/// configuration hash, to compare across replicas.
+pub struct ReplicaMetrics {
+    pub connected: IntGauge,
+    pub version: IntGauge,
+    config: IntGaugeVec,
+}
+
+impl ReplicaMetrics {
+    fn new(r: &Registry) -> Self {
+        let gauge =
+            |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("valid metric"));
+        Self {
+            connected: gauge(
+                "switchyard_replica_state_connected",
+                "1 while the Redis of [replicas] answers (drains are shared), else 0.",
+            ),
+            version: gauge(
+                "switchyard_replica_state_version",
+                "Version of the shared drain state this replica applied.",
+            ),
+            config: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "switchyard_config_info",
+                        "1, labelled with the SHA-256 of the configuration in effect.",
+                    ),
+                    &["hash"],
+                )
+                .expect("valid metric"),
+            ),
+        }
+    }
+
+    /// Labels `switchyard_config_info` with `hash` alone.
+    pub fn set_config_hash(&self, hash: &str) {
+        self.config.reset();
+        self.config.with_label_values(&[hash]).set(1);
+    }
 }
 
 /// The metrics of rate limits and load shedding.
@@ -340,6 +384,7 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             edge: EdgeMetrics::new(&r),
+            replica: ReplicaMetrics::new(&r),
             registry: r,
         }
     }

@@ -167,8 +167,8 @@ async fn listen(client: redis::Client, channel: String, hint: Arc<Notify>) {
 }
 
 impl ReplicaSync {
-    /// Pushes this replica's waiting changes (or, on a Redis that has
-    /// never seen any, this replica's whole set), then pulls the set if
+    /// Pushes this replica's waiting changes (on a Redis that has never
+    /// seen any, after this replica's whole set), then applies the set if
     /// its version moved.
     async fn sync_once(
         &self,
@@ -178,8 +178,9 @@ impl ReplicaSync {
         let status = &self.shared.sync;
         let ops = std::mem::take(&mut *status.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let (version, set) = call(pull(conn, keys)).await?;
-        let ops = if version == 0 && status.version.load(Ordering::Relaxed) == 0 {
-            // A fresh Redis gets this replica's copy: never the only one.
+        let ops = if version == 0 {
+            // A Redis that never saw a change (new, or restarted without
+            // persistence) gets this replica's copy: never the only one.
             let mine = self
                 .shared
                 .registry

@@ -346,6 +346,16 @@ impl Shared {
         for backend in self.registry.all() {
             backend.publish_in_flight();
         }
+        let replica = &self.metrics.replica;
+        replica.connected.set(i64::from(
+            self.sync
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        replica
+            .version
+            .set(self.sync.version.load(std::sync::atomic::Ordering::Relaxed));
+        replica.set_config_hash(&self.reload_status().active_hash);
         let edge = &self.metrics.edge;
         for ((route, rule), state) in self.limiters.states() {
             let tracked = i64::try_from(state.tracked()).unwrap_or(i64::MAX);
