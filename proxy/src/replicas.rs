@@ -178,6 +178,9 @@ impl ReplicaSync {
         let status = &self.shared.sync;
         let ops = std::mem::take(&mut *status.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let (version, set) = call(pull(conn, keys)).await?;
+        // Before anything is applied, so that whoever sees the result sees
+        // the link up too.
+        status.connected.store(true, Ordering::Relaxed);
         let ops = if version == 0 {
             // A Redis that never saw a change (new, or restarted without
             // persistence) gets this replica's copy: never the only one.
