@@ -120,6 +120,16 @@ class Checker:
     def ok(self, what: str) -> None:
         self.passed.append(what)
 
+    def report(self, warnings: list[str]) -> int:
+        """Prints the outcome; returns the exit status."""
+        for p in self.passed:
+            print(f"  ok: {p}")
+        for w in warnings:
+            print(f"  warning: {w}")
+        for e in self.errors:
+            print(f"  FAIL: {e}", file=sys.stderr)
+        return 1 if self.errors else 0
+
     def load_yaml(self, path: Path):
         try:
             return yaml.safe_load(path.read_text())
@@ -385,13 +395,11 @@ def main() -> int:
     c.fleet(compose, prom)
     c.grafana(compose)
     c.prometheus_rules()
-    for p in c.passed:
-        print(f"  ok: {p}")
-    for m in unexported_metrics(c.dir.parent):
-        print(f"  warning: {m} is on the dashboard but not defined in proxy/src or backend/src yet")
-    for e in c.errors:
-        print(f"  FAIL: {e}", file=sys.stderr)
-    return 1 if c.errors else 0
+    warnings = [
+        f"{m} is on the dashboard but not defined in proxy/src or backend/src yet"
+        for m in unexported_metrics(c.dir.parent)
+    ]
+    return c.report(warnings)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-//! The admin listener (loopback by default): `GET /metrics`, open, and the
-//! JSON admin API under `/admin/`, behind a bearer token when one is
+//! The admin listener (loopback by default): `GET /metrics` and the
+//! proxy's own `GET /health/{live,ready}` ([`crate::probes`]), open, and
+//! the JSON admin API under `/admin/`, behind a bearer token when one is
 //! configured.
 //!
 //! | method | path | |
@@ -28,6 +29,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use crate::config::RolloutSpec;
+use crate::probes;
 use crate::rollout::{Phase, Rollout};
 use crate::routing::{clock, strip_port, Backend, HostMatch, Member, StickyKey, NO_CAP};
 use crate::shared::Shared;
@@ -302,8 +304,13 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_string());
         let query = req.uri.query().unwrap_or("").to_string();
-        if path == "/metrics" {
-            return allow(&method, &Method::GET, &|| self.metrics());
+        // Open like /metrics: probes carry no token (see `probes`).
+        let shared = &self.shared;
+        match path.as_str() {
+            "/metrics" => return allow(&method, &Method::GET, &|| self.metrics()),
+            "/health/live" => return allow(&method, &Method::GET, &|| probes::live(shared)),
+            "/health/ready" => return allow(&method, &Method::GET, &|| probes::ready(shared)),
+            _ => {}
         }
         if !path.starts_with("/admin/") {
             return json_error(StatusCode::NOT_FOUND, "not_found", "unknown path");

@@ -7,11 +7,13 @@
 //! (routes, splits, weighted least-connections, readiness reports),
 //! [`upstream`] (connections to backends, kept idle for reuse) and
 //! [`codec`] (HTTP/1.1 on the wire, both directions); beside them
-//! [`health`] (active checks), [`metrics`] and [`admin`] (the admin
-//! listener), [`reload`] (file watch, SIGHUP), [`state`] (persisted
-//! drains), [`replicas`] (drains shared through Redis), [`rollout`] (canary analysis), [`ratelimit`] (per-client rate
-//! and concurrency limits, local or shared through Redis), [`shared`] (the
-//! state they share) and [`server`] (wiring).
+//! [`health`] (active checks), [`metrics`], [`admin`] (the admin
+//! listener) and [`probes`] (the proxy's own health on it), [`reload`]
+//! (file watch, SIGHUP), [`state`] (persisted drains), [`replicas`]
+//! (drains shared through Redis), [`rollout`] (canary analysis),
+//! [`ratelimit`] (per-client rate and concurrency limits, local or shared
+//! through Redis), [`shared`] (the state they share) and [`server`]
+//! (wiring).
 //! `docs/request-path.md` walks one request through them.
 
 pub mod admin;
@@ -25,6 +27,7 @@ pub mod h2;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod probes;
 pub mod ratelimit;
 pub mod reload;
 pub mod replicas;

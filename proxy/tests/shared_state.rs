@@ -117,7 +117,10 @@ async fn a_replica_cut_from_redis_keeps_serving_and_converges_when_it_returns() 
     let (_, state) = proxies[1].admin("GET", "/admin/replicas").await;
     assert_eq!(state["connected"], true, "{state}");
     let scrape = proxies[1].metrics().await;
-    assert!(scrape.contains("switchyard_replica_state_connected 1"), "{scrape}");
+    assert!(
+        scrape.contains("switchyard_replica_state_connected 1"),
+        "{scrape}"
+    );
     assert!(scrape.contains("switchyard_config_info{hash="), "{scrape}");
     for load in loads {
         load.finish().await; // Redis failing failed no request

@@ -1,6 +1,7 @@
 //! Traffic control under load: drains, hot reloads (blue/green, canary,
 //! sticky, forced pool, invalid edits, removed backends), graceful upgrade,
-//! per-backend caps (`max_in_flight`) and the admin API's error cases. What decides a single request's way
+//! per-backend caps (`max_in_flight`), the admin API's error cases and the
+//! proxy's own health probes. What decides a single request's way
 //! runs over each client protocol (see `common::matrix`).
 
 mod common;
@@ -121,6 +122,111 @@ async fn admin_api_answers_every_error_case() {
     assert_eq!(b["state"], "healthy");
     assert_eq!(b["pool"], "p");
     assert_eq!(b["report"]["version"], "a-v1");
+}
+
+/// Polls a probe, without the admin token, until it answers `want`;
+/// returns that answer's JSON.
+async fn probe_until(proxy: &Proxy, path: &str, want: u16) -> serde_json::Value {
+    let mut last = (0, serde_json::Value::Null);
+    for _ in 0..250 {
+        last = proxy.admin_as("GET", path, None).await;
+        if last.0 == want {
+            return last.1;
+        }
+        sleep_ms(20).await;
+    }
+    panic!("{path} never answered {want}; last {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_probes_need_no_token_and_follow_the_backends() {
+    let a = Upstream::start("a", 0).await;
+    let b = Upstream::start("b", 0).await;
+    let body = pool("p", &[(a.addr, 1), (b.addr, 1)]) + &split_route("p = 100", "");
+    let proxy = Proxy::start(&body).await;
+    let (_, status) = proxy.admin("GET", "/admin/config/status").await;
+    let hash = &status["active_hash"];
+    assert!(hash.as_str().is_some_and(|h| !h.is_empty()), "{status}");
+
+    let (code, live) = proxy.admin_as("GET", "/health/live", None).await;
+    assert_eq!((code, &live["status"]), (200, &"live".into()), "{live}");
+    assert_eq!(&live["config_hash"], hash);
+    let ready = probe_until(&proxy, "/health/ready", 200).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(&ready["config_hash"], hash);
+    assert_eq!(proxy.admin_as("POST", "/health/ready", None).await.0, 405);
+
+    // One backend left is enough; none is not.
+    a.control.set(&a.control.not_ready, true);
+    sleep_ms(400).await;
+    assert_eq!(proxy.admin_as("GET", "/health/ready", None).await.0, 200);
+    b.control.set(&b.control.not_ready, true);
+    let down = probe_until(&proxy, "/health/ready", 503).await;
+    assert_eq!(down["status"], "not_ready", "{down}");
+    assert!(down["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("eligible")));
+    assert_eq!(&down["config_hash"], hash);
+    assert_eq!(proxy.admin_as("GET", "/health/live", None).await.0, 200);
+
+    b.control.set(&b.control.not_ready, false);
+    probe_until(&proxy, "/health/ready", 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_is_503_with_every_backend_stopped() {
+    // A port nothing listens on: the backend never passes a check.
+    let stopped = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let proxy = Proxy::start(&(pool("p", &[(stopped, 1)]) + &split_route("p = 100", ""))).await;
+    sleep_ms(500).await;
+    let (code, body) = proxy.admin_as("GET", "/health/ready", None).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (503, &"not_ready".into()),
+        "{body}"
+    );
+}
+
+/// `up` as the only backend, behind a 20 s shutdown grace period.
+fn long_grace(up: &Upstream) -> String {
+    let server =
+        "[server]\ngrace_period = \"20s\"\nrun_dir = \"run\"\nstate_file = \"run/state.json\"\n";
+    format!(
+        "{server}{}{}",
+        pool("p", &[(up.addr, 1)]),
+        split_route("p = 100", "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_says_stopping_once_a_shutdown_begins() {
+    let slow = Upstream::start("slow", 2000).await;
+    let proxy = Proxy::start(&long_grace(&slow)).await;
+    // Pingora stops accepting on SIGTERM; a probe connection kept alive
+    // from before still gets answers, which is what this watches.
+    let probe = reqwest::Client::new();
+    let url = format!("http://{}/health/ready", proxy.admin);
+    probe_until(&proxy, "/health/ready", 200).await;
+    assert_eq!(probe.get(&url).send().await.expect("probe").status(), 200);
+
+    // An in-flight request keeps the proxy in its grace period.
+    let (client, page) = (proxy.client(), proxy.url("/"));
+    let request = tokio::spawn(async move { client.get(page).send().await.map(|r| r.status()) });
+    assert!(eventually(Duration::from_secs(2), || slow.control.requests() == 1).await);
+    proxy.signal(libc::SIGTERM);
+    sleep_ms(300).await;
+    let resp = probe
+        .get(&url)
+        .send()
+        .await
+        .expect("probe on the kept-alive connection");
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["status"], "stopping", "{body}");
+    assert_eq!(
+        request.await.expect("join").expect("in-flight request"),
+        200
+    );
 }
 
 matrix!(
@@ -482,14 +588,7 @@ async fn graceful_upgrade_under_load_keeps_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_in_flight_requests_then_exits_early() {
     let slow = Upstream::start("slow", 600).await;
-    let server =
-        "[server]\ngrace_period = \"20s\"\nrun_dir = \"run\"\nstate_file = \"run/state.json\"\n";
-    let body = format!(
-        "{server}{}{}",
-        pool("p", &[(slow.addr, 1)]),
-        split_route("p = 100", "")
-    );
-    let mut proxy = Proxy::start(&body).await;
+    let mut proxy = Proxy::start(&long_grace(&slow)).await;
     let (client, url) = (proxy.client(), proxy.url("/"));
     let request =
         tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
