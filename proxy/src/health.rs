@@ -20,12 +20,13 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use tokio::task::JoinSet;
 
-use crate::config::HealthSection;
+use crate::config::{Config, HealthSection, Readiness};
 use crate::routing::{clock, Backend, Progress, Report};
 use crate::shared::Shared;
 
-/// Reports larger than this are cut off (and then fail to parse).
-const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// Answers larger than this are cut off (and then fail to parse): vLLM's
+/// `/metrics` runs to tens of KiB.
+const MAX_REPORT_BYTES: usize = 1024 * 1024;
 
 /// What one check found.
 #[derive(Debug)]
@@ -37,13 +38,75 @@ pub enum Outcome {
     Fail(String),
 }
 
-/// Runs one check against `addr`.
-pub async fn check(connector: &Connector, addr: SocketAddr, cfg: &HealthSection) -> Outcome {
-    match tokio::time::timeout(cfg.timeout, fetch(connector, addr, &cfg.path, cfg.timeout)).await {
+/// Runs one check against `addr`, as its pool's `readiness` says.
+pub async fn check(
+    connector: &Connector,
+    addr: SocketAddr,
+    cfg: &HealthSection,
+    kind: Readiness,
+) -> Outcome {
+    let checked = async {
+        let (status, body) = fetch(connector, addr, health_path(kind, cfg), cfg.timeout).await?;
+        Ok(match kind {
+            Readiness::Switchyard => classify(status, &body),
+            Readiness::Http if status == 200 => Outcome::Pass(None),
+            Readiness::Tei | Readiness::Vllm if status == 200 => {
+                queue_from_metrics(connector, addr, cfg.timeout, kind).await
+            }
+            _ => Outcome::NotReady(None, format!("status {status}")),
+        })
+    };
+    match tokio::time::timeout(cfg.timeout, checked).await {
         Err(_) => Outcome::Fail(format!("no answer within {:?}", cfg.timeout)),
         Ok(Err(e)) => Outcome::Fail(e),
-        Ok(Ok((status, body))) => classify(status, &body),
+        Ok(Ok(outcome)) => outcome,
     }
+}
+
+fn health_path(kind: Readiness, cfg: &HealthSection) -> &str {
+    match kind {
+        Readiness::Switchyard | Readiness::Http => &cfg.path,
+        Readiness::Tei | Readiness::Vllm => "/health",
+    }
+}
+
+/// A healthy TEI or vLLM server's queue depth, read from its Prometheus
+/// metrics (`te_queue_size`, `vllm:num_requests_waiting`, summed over
+/// models). Healthy without it: the check passes with no report.
+async fn queue_from_metrics(
+    connector: &Connector,
+    addr: SocketAddr,
+    timeout: Duration,
+    kind: Readiness,
+) -> Outcome {
+    let name = match kind {
+        Readiness::Vllm => "vllm:num_requests_waiting",
+        _ => "te_queue_size",
+    };
+    let depth = match fetch(connector, addr, "/metrics", timeout).await {
+        Ok((200, body)) => prometheus_sum(&body, name),
+        _ => None,
+    };
+    Outcome::Pass(depth.map(|d| Report {
+        ready: Some(true),
+        queue_depth: Some(d.min(f64::from(u32::MAX)) as u32),
+        ..Report::default()
+    }))
+}
+
+/// The sum of every sample of metric `name` in Prometheus text format.
+fn prometheus_sum(body: &[u8], name: &str) -> Option<f64> {
+    let text = std::str::from_utf8(body).ok()?;
+    let samples = text.lines().filter_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        // `name{labels} value [timestamp]` or `name value [timestamp]`.
+        let rest = match rest.strip_prefix('{') {
+            Some(labelled) => &labelled[labelled.find('}')? + 1..],
+            None => rest.strip_prefix(' ')?,
+        };
+        rest.split_whitespace().next()?.parse::<f64>().ok()
+    });
+    samples.fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v.max(0.0)))
 }
 
 async fn fetch(
@@ -169,16 +232,32 @@ fn record_report(backend: &Backend, r: &Report, now: u64) {
 }
 
 /// Checks every backend once, in parallel, and applies the results.
-pub async fn round(connector: &Arc<Connector>, backends: Vec<Arc<Backend>>, cfg: &HealthSection) {
+pub async fn round(
+    connector: &Arc<Connector>,
+    backends: Vec<(Arc<Backend>, Readiness)>,
+    cfg: &HealthSection,
+) {
     let mut tasks = JoinSet::new();
-    for backend in backends {
+    for (backend, kind) in backends {
         let (connector, cfg) = (connector.clone(), cfg.clone());
         tasks.spawn(async move {
-            let outcome = check(&connector, backend.addr, &cfg).await;
+            let outcome = check(&connector, backend.addr, &cfg, kind).await;
             apply(&backend, outcome, &cfg);
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Each backend with the readiness kind of the first pool listing it.
+fn with_kinds(backends: &[Arc<Backend>], config: &Config) -> Vec<(Arc<Backend>, Readiness)> {
+    let kind_of = |b: &Backend| {
+        let pools = config.pools.values();
+        let mut listing = pools.filter(|p| p.backends.iter().any(|s| s.socket_addr() == b.addr));
+        listing
+            .next()
+            .map_or(Readiness::Switchyard, |p| p.readiness)
+    };
+    backends.iter().map(|b| (b.clone(), kind_of(b))).collect()
 }
 
 /// Runs `rise` rounds before the listeners open, so a fresh process (or
@@ -197,7 +276,12 @@ pub fn warm_up(shared: &Shared) {
             if i > 0 {
                 tokio::time::sleep(cfg.interval).await;
             }
-            round(&connector, active.backends.clone(), cfg).await;
+            round(
+                &connector,
+                with_kinds(&active.backends, &active.config),
+                cfg,
+            )
+            .await;
         }
     });
 }
@@ -222,7 +306,12 @@ impl BackgroundService for Checker {
             let active = self.shared.active();
             let cfg = active.config.health.clone();
             let next = tokio::time::Instant::now() + cfg.interval;
-            round(&connector, active.backends.clone(), &cfg).await;
+            round(
+                &connector,
+                with_kinds(&active.backends, &active.config),
+                &cfg,
+            )
+            .await;
             let max_idle = active.config.timeouts.upstream_idle;
             for backend in self.shared.registry.all() {
                 backend.idle.prune(max_idle);
@@ -233,5 +322,21 @@ impl BackgroundService for Checker {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_samples_are_summed_over_labels() {
+        let text = b"# HELP vllm:num_requests_waiting waiting\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"a\"} 3.0\nvllm:num_requests_waiting{model_name=\"b\"} 2\nvllm:num_requests_waiting_total 99\n";
+        assert_eq!(prometheus_sum(text, "vllm:num_requests_waiting"), Some(5.0));
+        assert_eq!(
+            prometheus_sum(b"te_queue_size 7 1700000000\n", "te_queue_size"),
+            Some(7.0)
+        );
+        assert_eq!(prometheus_sum(b"other 1\n", "te_queue_size"), None);
     }
 }

@@ -60,6 +60,9 @@ pub enum Known {
     XForwardedFor,
     XForwardedProto,
     XRequestId,
+    /// `endpoint-load-metrics`: a backend's in-band load report (ORCA's
+    /// text format), for the proxy alone.
+    LoadReport,
     /// The other hop-by-hop headers of RFC 9110 §7.6.1 and their kin:
     /// Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade,
     /// Proxy-Authenticate; and any header the Connection header names.
@@ -87,6 +90,7 @@ impl Known {
             17 if is("transfer-encoding") => Known::TransferEncoding,
             17 if is("x-forwarded-proto") => Known::XForwardedProto,
             18 if is("proxy-authenticate") => Known::HopByHop,
+            21 if is("endpoint-load-metrics") => Known::LoadReport,
             _ => Known::Other,
         }
     }
@@ -95,7 +99,11 @@ impl Known {
     pub fn is_hop_by_hop(self) -> bool {
         matches!(
             self,
-            Known::Connection | Known::TransferEncoding | Known::HopByHop | Known::Dropped
+            Known::Connection
+                | Known::TransferEncoding
+                | Known::HopByHop
+                | Known::Dropped
+                | Known::LoadReport
         )
     }
 

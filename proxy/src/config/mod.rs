@@ -365,10 +365,31 @@ impl Default for ResponseHeaders {
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     pub backends: Vec<BackendSpec>,
+    /// What the backends' readiness looks like (another server's health
+    /// and metrics endpoints, or ours).
+    #[serde(default)]
+    pub readiness: Readiness,
     /// Requests in flight per backend past which a pick skips it.
     pub max_in_flight: Option<u32>,
     /// Connects in progress per backend past which a pick skips it.
     pub max_connecting: Option<u32>,
+}
+
+/// How a pool's backends are checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// Switchyard's JSON report on `[health] path`.
+    #[default]
+    Switchyard,
+    /// Hugging Face text-embeddings-inference: `GET /health`, and the
+    /// queue depth from `te_queue_size` on `/metrics`.
+    Tei,
+    /// vLLM: `GET /health`, and the queue depth from
+    /// `vllm:num_requests_waiting` on `/metrics`.
+    Vllm,
+    /// Any server: the status of `[health] path` alone.
+    Http,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -10,9 +10,9 @@ use super::headers::Wire;
 use super::mirror;
 use super::{Call, Front, Head as _};
 use crate::codec::body::RelayError;
-use crate::codec::head::ResponseHead;
+use crate::codec::head::{Known, ResponseHead};
 use crate::config::Config;
-use crate::routing::{Backend, Pool};
+use crate::routing::{clock, parse_load_report, Backend, Pool};
 use crate::upstream::Conn;
 
 /// Attempts on backends until one answers or the retry rule says stop.
@@ -52,7 +52,11 @@ pub async fn forward<F: Front>(
             Ok((conn, resp)) => {
                 let retry_after = resp.fields.get("retry-after").is_some();
                 record_answer(&backend, config, resp.status, retry_after);
-                if !(resp.status == 503 && may_retry(call, &pool, replayable)) {
+                record_load(&backend, &resp);
+                // 503 and 429 are how backends say "full" (TEI answers 429):
+                // another backend may have room.
+                let full = matches!(resp.status, 429 | 503);
+                if !(full && may_retry(call, &pool, replayable)) {
                     match to_baseline(call, resp.status >= 500, replayable) {
                         Some(baseline) => pool = baseline,
                         None => return relay(front, call, conn, resp, wire).await,
@@ -134,6 +138,17 @@ fn record_answer(backend: &Backend, config: &Config, status: u16, retry_after: b
         backend.record_failure(&config.passive, format!("answered {status}"));
     } else {
         backend.record_success();
+    }
+}
+
+/// The backend's in-band load report, if its answer carries one: fresher
+/// than the readiness poll, so the next pick sees the queue as it is now.
+fn record_load(backend: &Backend, resp: &ResponseHead) {
+    let mut fields = resp.fields.iter();
+    if let Some((_, value, _)) = fields.find(|f| f.2 == Known::LoadReport) {
+        if let Some((depth, capacity)) = parse_load_report(value) {
+            backend.set_queue(depth, capacity, clock::now_ms());
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 pub use backend::{Backend, Lease};
 pub use pool::{Member, Pool, NO_CAP};
-pub use readiness::{Progress, Report};
+pub use readiness::{parse_load_report, Progress, Report};
 pub use router::{
     bucket_of, key_value, strip_port, ForceRule, HostMatch, RequestHeaders, Route, Router, Split,
     SplitEntry, StickyKey, BUCKETS,

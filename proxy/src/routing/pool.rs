@@ -261,6 +261,7 @@ mod tests {
 
     fn spec_of(weights: &[u32]) -> PoolSpec {
         PoolSpec {
+            readiness: Default::default(),
             max_in_flight: None,
             max_connecting: None,
             backends: weights

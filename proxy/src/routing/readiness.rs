@@ -21,6 +21,28 @@ pub struct Report {
     pub uptime_s: Option<f64>,
 }
 
+/// (queue depth, queue capacity) from an in-band load report: the
+/// `endpoint-load-metrics` header in ORCA's text format, e.g.
+/// `TEXT named_metrics.queue_depth=3, named_metrics.queue_capacity=256`.
+/// `None` without a queue depth; capacity 0 when not stated.
+pub fn parse_load_report(value: &[u8]) -> Option<(u32, u32)> {
+    let text = std::str::from_utf8(value).ok()?.strip_prefix("TEXT ")?;
+    let (mut depth, mut capacity) = (None, 0);
+    for pair in text.split(',') {
+        let Some((name, number)) = pair.trim().split_once('=') else {
+            continue;
+        };
+        // ORCA values are doubles; queue figures are whole numbers.
+        let number = number.trim().parse::<f64>().ok().filter(|n| *n >= 0.0);
+        match (name, number) {
+            ("named_metrics.queue_depth", Some(n)) => depth = Some(n.min(u32::MAX as f64) as u32),
+            ("named_metrics.queue_capacity", Some(n)) => capacity = n.min(u32::MAX as f64) as u32,
+            _ => {}
+        }
+    }
+    Some((depth?, capacity))
+}
+
 /// Per-backend check bookkeeping, owned by the health checker.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -30,4 +52,25 @@ pub struct Progress {
     pub last_report: Option<(Report, u64)>,
     /// Why the latest check did not pass, if it did not.
     pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_reports_in_orca_text_format() {
+        let v = b"TEXT named_metrics.queue_depth=3, named_metrics.queue_capacity=256, named_metrics.in_flight=1";
+        assert_eq!(parse_load_report(v), Some((3, 256)));
+        assert_eq!(
+            parse_load_report(b"TEXT named_metrics.queue_depth=7.0"),
+            Some((7, 0))
+        );
+        assert_eq!(parse_load_report(b"TEXT cpu_utilization=0.3"), None);
+        assert_eq!(parse_load_report(b"JSON {}"), None);
+        assert_eq!(
+            parse_load_report(b"TEXT named_metrics.queue_depth=-4"),
+            None
+        );
+    }
 }

@@ -33,6 +33,10 @@ pub struct Control {
     pub overloaded: AtomicBool,
     /// Requests get a plain 500.
     pub failing: AtomicBool,
+    /// Requests get 429, as TEI answers when its queue is full.
+    pub throttled: AtomicBool,
+    /// Sent as the `endpoint-load-metrics` header of every answer.
+    pub load_report: std::sync::Mutex<Option<String>>,
     /// Non-health requests received.
     pub requests: AtomicU64,
     /// Reported as `queue_depth` (of a capacity of 256).
@@ -134,6 +138,16 @@ async fn health(State(c): State<Arc<Control>>) -> Response {
 }
 
 async fn serve(State(c): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -> Response {
+    let report = c.load_report.lock().expect("load_report lock").clone();
+    let mut resp = answer(c, headers, body).await;
+    if let Some(report) = report {
+        let value = report.parse().expect("a valid header value");
+        resp.headers_mut().insert("endpoint-load-metrics", value);
+    }
+    resp
+}
+
+async fn answer(c: Arc<Control>, headers: HeaderMap, body: Bytes) -> Response {
     c.requests.fetch_add(1, SeqCst);
     let _serving = Serving::new(&c);
     let delay = c.delay_ms.load(SeqCst);
@@ -147,6 +161,9 @@ async fn serve(State(c): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -
         resp.headers_mut()
             .insert("retry-after", "1".parse().expect("valid header"));
         return resp;
+    }
+    if c.throttled.load(SeqCst) {
+        return (StatusCode::TOO_MANY_REQUESTS, instance, "queue full").into_response();
     }
     if c.failing.load(SeqCst) {
         return (StatusCode::INTERNAL_SERVER_ERROR, instance, "broken").into_response();
