@@ -24,8 +24,9 @@ stack_preflight() {
     stack_log "already running (pid $(cat "$STACK_RUN/stack.pid")); use it, or press Ctrl-C in its terminal to stop it."
     return 1
   fi
-  local port
-  for port in "${STACK_PORTS[@]}"; do
+  local port ports=("${STACK_PORTS[@]}")
+  ((STACK_REPLICAS == 1)) || ports+=(8444 9902)
+  for port in "${ports[@]}"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       stack_log "port $port is already in use by another program; stop it first (ss -ltnp 'sport = :$port')."
       return 1
@@ -80,6 +81,18 @@ stack_copy_config() {
     config/switchyard.toml >"$STACK_CONFIG"
 }
 
+# With STACK_REPLICAS=2, both proxies share their drains through the
+# stack's Redis ([replicas], docs/replicas.md), and a second proxy serves
+# TLS on 8444 and its admin API on 9902, from its own copy of the file.
+STACK_REPLICAS=${STACK_REPLICAS:-1}
+stack_share_drains() {
+  sed -i '/^\[limits\]/i [replicas]\nredis_url = "redis://127.0.0.1:6399"\n' "$STACK_CONFIG"
+  sed -e 's/127.0.0.1:8443/127.0.0.1:8444/' -e 's/127.0.0.1:9901/127.0.0.1:9902/' \
+    -e "s#\"$PWD/$STACK_RUN/state.json\"#\"$PWD/$STACK_RUN/replica-2/state.json\"#" \
+    -e "s#\"$PWD/$STACK_RUN\"#\"$PWD/$STACK_RUN/replica-2\"#" \
+    "$STACK_CONFIG" >"$STACK_RUN/switchyard-2.toml"
+}
+
 stack_proxy() { # extra switchyard run arguments (e.g. --upgrade)
   stack_spawn proxy target/release/switchyard run --config "$STACK_CONFIG" "$@"
 }
@@ -111,17 +124,26 @@ stack_start() {
     stack_log "using the existing $STACK_CONFIG (delete it to start again from config/switchyard.toml)"
   else
     stack_copy_config
+    ((STACK_REPLICAS == 1)) || stack_share_drains
   fi
   [[ -f $STACK_RUN/admin-token ]] || (umask 077 && openssl rand -hex 16 >"$STACK_RUN/admin-token")
   SWITCHYARD_ADMIN_TOKEN=$(cat "$STACK_RUN/admin-token")
   export SWITCHYARD_ADMIN_TOKEN
   stack_proxy
+  if ((STACK_REPLICAS > 1)); then
+    mkdir -p "$STACK_RUN/replica-2"
+    stack_spawn proxy-2 target/release/switchyard run --config "$STACK_RUN/switchyard-2.toml"
+  fi
   local addr
   for addr in "${STACK_ADDR_OF[@]}"; do
     stack_wait "backend $addr" 180 curl -sf "http://$addr/health/ready"
   done
   stack_wait "the proxy" 60 curl -sf --cacert "$SWITCHYARD_CA" "$SWITCHYARD_URL/v1/embeddings" \
     -H 'content-type: application/json' -d '{"input":"hello"}'
+  if ((STACK_REPLICAS > 1)); then
+    stack_wait "the second proxy" 60 curl -sf --cacert "$SWITCHYARD_CA" https://localhost:8444/v1/embeddings \
+      -H 'content-type: application/json' -d '{"input":"hello"}'
+  fi
 }
 
 stack_alive() {
