@@ -256,3 +256,35 @@ async fn a_saturated_fleet_sheds_bulk_before_interactive() {
         "{scrape}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_the_shared_rules_of_two_routes_keep_their_own_budgets() {
+    let up = Upstream::start("up", 0).await;
+    // Nothing listens on the port: every shared decision is the fallback's.
+    let dead = common::free_port();
+    let route = |name: &str| {
+        format!(
+            "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\npool = \"p\"\n\
+             [[routes.rate_limits]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 0.1\nburst = 2\nshared = true\n"
+        )
+    };
+    let body = format!("[rate_limits]\nredis_url = \"redis://127.0.0.1:{dead}\"\n\n")
+        + &pool("p", &[(up.addr, 1)])
+        + &route("a")
+        + &route("b");
+    let proxy = Proxy::start(&body).await;
+    let client = proxy.client();
+    let get = |path: &str| {
+        let req = client.get(proxy.url(path));
+        async move { req.send().await.expect("sent").status().as_u16() }
+    };
+    let mut on_a = Vec::new();
+    for _ in 0..3 {
+        on_a.push(get("/a").await);
+    }
+    assert_eq!(on_a, [200, 200, 429], "route a's burst of 2");
+    assert_eq!(get("/b").await, 200, "route b's budget is not a's");
+    let scrape = proxy.metrics().await;
+    let fallbacks = metric(&scrape, "switchyard_ratelimit_redis_fallbacks_total");
+    assert_eq!(fallbacks, Some(4.0), "{scrape}");
+}

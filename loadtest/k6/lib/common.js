@@ -51,7 +51,7 @@ export const cfg = {
   // Share of requests whose input was never sent before (cache misses); the
   // rest repeat a small working set, which the Redis cache should absorb.
   uniqueShare: envNum('UNIQUE_SHARE', 0.5),
-  inputsPerRequest: envNum('INPUTS_PER_REQUEST', 1),
+  inputsPerRequest: Math.max(1, Math.floor(envNum('INPUTS_PER_REQUEST', 1))),
   requestTimeout: envStr('REQUEST_TIMEOUT', '30s'),
   // Parsing every body would cost the load generator more CPU than the
   // proxy; one in N is enough to catch a proxy that mangles responses.
@@ -131,16 +131,25 @@ export function phaseAt(phases, secs) {
   return 'between';
 }
 
-export function embed(phases) {
-  const phase = phases ? phaseAt(phases, elapsedSecs()) : 'all';
-  const tags = { phase };
-  const n = Math.max(1, Math.floor(cfg.inputsPerRequest));
+// The JSON body of an embedding request: INPUTS_PER_REQUEST inputs, of
+// which UNIQUE_SHARE were never sent before.
+export function embeddingBody() {
+  const n = cfg.inputsPerRequest;
   const inputs = [];
   for (let i = 0; i < n; i++) inputs.push(inputText(Math.random() < cfg.uniqueShare));
-  const headers = { 'content-type': 'application/json' };
+  return JSON.stringify({ input: n === 1 ? inputs[0] : inputs });
+}
+
+// One embedding request, checked and accounted per pool. `extra.headers`
+// and `extra.tags` are added to the request's own (a client's API key, say).
+export function embed(phases, extra = {}) {
+  const phase = phases ? phaseAt(phases, elapsedSecs()) : 'all';
+  const tags = Object.assign({ phase }, extra.tags);
+  const n = cfg.inputsPerRequest;
+  const headers = Object.assign({ 'content-type': 'application/json' }, extra.headers);
   if (cfg.idempotencyKey) headers['idempotency-key'] = `${exec.vu.idInTest}-${exec.vu.iterationInScenario}`;
 
-  const res = http.post(`${cfg.target}${cfg.path}`, JSON.stringify({ input: n === 1 ? inputs[0] : inputs }), {
+  const res = http.post(`${cfg.target}${cfg.path}`, embeddingBody(), {
     headers,
     tags,
     timeout: cfg.requestTimeout,

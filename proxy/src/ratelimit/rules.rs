@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ const TOP_KEYS: usize = 256;
 
 /// The counting state of one rule; outlives reloads.
 pub struct RuleState {
+    /// Salt of the rule's local keys: unique in the process (the Redis
+    /// fallback keeps the keys of every route's shared rules in one store)
+    /// and kept by a reload that keeps the rule.
+    salt: u32,
     store: LocalStore,
     inflight: Arc<InflightTable>,
     /// Hashed key to the requests refused (or shadow-refused) for it.
@@ -30,8 +35,9 @@ pub struct RuleState {
 }
 
 impl RuleState {
-    fn new(max_keys: usize) -> Self {
+    fn new(max_keys: usize, salt: u32) -> Self {
         Self {
+            salt,
             store: LocalStore::new(max_keys),
             inflight: Arc::default(),
             limited: Mutex::default(),
@@ -72,6 +78,8 @@ impl RuleState {
 pub struct Limiters {
     hasher: KeyHasher,
     states: Mutex<BTreeMap<(String, String), Arc<RuleState>>>,
+    /// The salt of the next new rule state.
+    next_salt: AtomicU32,
     /// The Redis limiter and the settings it was made with.
     shared: Mutex<Option<(RedisSettings, Arc<SharedLimiter>)>>,
 }
@@ -84,6 +92,7 @@ impl Default for Limiters {
         Self {
             hasher: KeyHasher::new(),
             states: Mutex::default(),
+            next_salt: AtomicU32::new(0),
             shared: Mutex::default(),
         }
     }
@@ -103,15 +112,15 @@ impl Limiters {
         let mut out = Vec::new();
         for (i, spec) in config.routes.iter().enumerate() {
             let route = spec.label(i);
-            let rules = spec.rate_limits.iter().enumerate().map(|(n, rule)| {
+            let rules = spec.rate_limits.iter().map(|rule| {
                 let id = (route.clone(), rule.name.clone());
-                let state = states
-                    .get(&id)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(RuleState::new(config.rate_limits.max_keys)));
+                let state = states.get(&id).cloned().unwrap_or_else(|| {
+                    let salt = self.next_salt.fetch_add(1, Ordering::Relaxed);
+                    Arc::new(RuleState::new(config.rate_limits.max_keys, salt))
+                });
                 kept.insert(id, state.clone());
                 let shared = rule.shared.then(|| shared.clone()).flatten();
-                Rule::new(&route, n, rule, state, shared, metrics)
+                Rule::new(&route, rule, state, shared, metrics)
             });
             let rules: Vec<Rule> = rules.collect();
             out.push((!rules.is_empty()).then(|| {
@@ -170,8 +179,6 @@ impl Limiters {
 struct Rule {
     spec: RateLimitSpec,
     name: String,
-    /// Salt of the local key, so two rules never share a key's state.
-    index: u32,
     key: Key,
     quota: Option<Quota>,
     cost_per_bytes: Option<u64>,
@@ -195,7 +202,6 @@ enum Key {
 impl Rule {
     fn new(
         route: &str,
-        index: usize,
         spec: &RateLimitSpec,
         state: Arc<RuleState>,
         shared: Option<Arc<SharedLimiter>>,
@@ -222,7 +228,6 @@ impl Rule {
         Self {
             spec: spec.clone(),
             name: spec.name.clone(),
-            index: index as u32,
             key,
             quota,
             cost_per_bytes: spec.cost_per_bytes,
@@ -343,7 +348,7 @@ impl RouteLimits {
             };
             let mut buf = [0u8; 16];
             let key_bytes = rule.key_bytes(req, client, &mut buf);
-            let key = self.limiters.hasher.hash(rule.index, key_bytes);
+            let key = self.limiters.hasher.hash(rule.state.salt, key_bytes);
             let refused = match self.spend(rule, key, key_bytes, body, now).await {
                 Some(d) if !d.allowed => Some(rate_refusal(rule, &d)),
                 _ => self.take_slot(rule, key, slots),
