@@ -11,8 +11,8 @@ against the Kubernetes schemas. No cluster, no kustomize binary needed.
   explained in README.md (Secrets are created by hand, never committed);
 - the HPA scales a workload defined here, on a pods metric that a
   prometheus-adapter rule serves from a metric the backend exports;
-- the proxy config (a configMapGenerator input): its pools name Services
-  here, on their ports, and the files it reads lie in the pod's mounts.
+- the proxy config (a configMapGenerator input): its pools' backends and
+  dns names are Services here, on their ports, and the files it reads lie in the pod's mounts.
 
 Usage: check_kubernetes.py [--dir DIR]
 Exit status 1 on any failure, with one line per problem.
@@ -192,10 +192,12 @@ class KubeChecker(Checker):
                     self.fail(toml_name, f"cannot parse TOML: {e}")
                     continue
                 for pool, spec in cfg.get("pools", {}).items():
-                    for b in spec.get("backends", []):
-                        host, _, port = b["address"].rpartition(":")
-                        if int(port) not in services.get(host, set()):
-                            self.fail(toml_name, f"pools.{pool} backend {b['address']} is no Service port here")
+                    named = [b["address"] for b in spec.get("backends", [])]
+                    named += [spec["dns"]] if "dns" in spec else []
+                    for address in named:
+                        host, _, port = address.rpartition(":")
+                        if not port.isdigit() or int(port) not in services.get(host, set()):
+                            self.fail(toml_name, f"pools.{pool}: {address} is no Service port here")
                 https = cfg.get("listeners", {}).get("https", {})
                 self.proxy_mounts(cm_name, toml_name, [https.get("cert", ""), https.get("key", "")])
         if len(self.errors) == before:

@@ -20,9 +20,9 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, HealthSection, Readiness};
+use crate::config::{HealthSection, Readiness};
 use crate::routing::{clock, Backend, Progress, Report};
-use crate::shared::Shared;
+use crate::shared::{Active, Shared};
 
 /// Answers larger than this are cut off (and then fail to parse): vLLM's
 /// `/metrics` runs to tens of KiB.
@@ -248,16 +248,23 @@ pub async fn round(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Each backend with the readiness kind of the first pool listing it.
-fn with_kinds(backends: &[Arc<Backend>], config: &Config) -> Vec<(Arc<Backend>, Readiness)> {
+/// Each backend with the readiness kind of the first pool holding it
+/// (statically or through DNS).
+fn with_kinds(active: &Active) -> Vec<(Arc<Backend>, Readiness)> {
     let kind_of = |b: &Backend| {
-        let pools = config.pools.values();
-        let mut listing = pools.filter(|p| p.backends.iter().any(|s| s.socket_addr() == b.addr));
-        listing
+        let mut holding = active
+            .pools
+            .values()
+            .filter(|p| p.members.iter().any(|m| m.backend.addr == b.addr));
+        holding
             .next()
             .map_or(Readiness::Switchyard, |p| p.readiness)
     };
-    backends.iter().map(|b| (b.clone(), kind_of(b))).collect()
+    active
+        .backends
+        .iter()
+        .map(|b| (b.clone(), kind_of(b)))
+        .collect()
 }
 
 /// Runs `rise` rounds before the listeners open, so a fresh process (or
@@ -276,12 +283,7 @@ pub fn warm_up(shared: &Shared) {
             if i > 0 {
                 tokio::time::sleep(cfg.interval).await;
             }
-            round(
-                &connector,
-                with_kinds(&active.backends, &active.config),
-                cfg,
-            )
-            .await;
+            round(&connector, with_kinds(&active), cfg).await;
         }
     });
 }
@@ -306,12 +308,7 @@ impl BackgroundService for Checker {
             let active = self.shared.active();
             let cfg = active.config.health.clone();
             let next = tokio::time::Instant::now() + cfg.interval;
-            round(
-                &connector,
-                with_kinds(&active.backends, &active.config),
-                &cfg,
-            )
-            .await;
+            round(&connector, with_kinds(&active), &cfg).await;
             let max_idle = active.config.timeouts.upstream_idle;
             for backend in self.shared.registry.all() {
                 backend.idle.prune(max_idle);

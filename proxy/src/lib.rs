@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod codec;
 pub mod config;
+pub mod discovery;
 /// Properties the fuzz targets and the corpus replay assert.
 #[doc(hidden)]
 pub mod fuzzing;

@@ -57,6 +57,56 @@ pub struct Metrics {
     pub edge: EdgeMetrics,
     /// What a replica shares with the others; set at scrape time.
     pub replica: ReplicaMetrics,
+    /// Pool addresses from DNS.
+    pub discovery: DiscoveryMetrics,
+}
+
+/// Lookups of pools' `dns` names and the addresses they gave.
+pub struct DiscoveryMetrics {
+    lookups: IntCounterVec,
+    addresses: IntGaugeVec,
+}
+
+/// One pool's discovery handles, resolved once.
+pub struct PoolDiscovery {
+    /// Lookups that gave addresses, gave none, or failed.
+    pub ok: IntCounter,
+    pub empty: IntCounter,
+    pub error: IntCounter,
+    /// Addresses of the answer in effect.
+    pub addresses: IntGauge,
+}
+
+impl DiscoveryMetrics {
+    fn new(r: &Registry) -> Self {
+        let addresses = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_discovery_addresses",
+                "Addresses the pool's dns name gave in the answer in effect.",
+            ),
+            &["pool"],
+        )
+        .expect("valid metric");
+        Self {
+            lookups: counter_vec(
+                r,
+                "switchyard_discovery_lookups_total",
+                "DNS lookups of a pool's dns name, by result: ok, empty (no address; the last set stays), error (the last set stays).",
+                &["pool", "result"],
+            ),
+            addresses: register(r, addresses),
+        }
+    }
+
+    pub fn pool(&self, pool: &str) -> PoolDiscovery {
+        let lookups = |result: &str| self.lookups.with_label_values(&[pool, result]);
+        PoolDiscovery {
+            ok: lookups("ok"),
+            empty: lookups("empty"),
+            error: lookups("error"),
+            addresses: self.addresses.with_label_values(&[pool]),
+        }
+    }
 }
 
 /// `[replicas]`: whether Redis answers, the state version applied, and the
@@ -385,6 +435,7 @@ impl Metrics {
             ),
             edge: EdgeMetrics::new(&r),
             replica: ReplicaMetrics::new(&r),
+            discovery: DiscoveryMetrics::new(&r),
             registry: r,
         }
     }

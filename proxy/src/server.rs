@@ -19,6 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::admin::{Admin, Redirect};
 use crate::config::{Config, HttpMode};
+use crate::discovery::{self, Discovery};
 use crate::health::{self, Checker};
 use crate::listener::{CountTls, Frontend, Gate, PlainListener};
 use crate::reload::Reloader;
@@ -46,6 +47,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> anyhow::Result<()> {
     let server_conf = server_conf(&config, options);
     raise_fd_limit(config.limits.max_connections);
     let shared = Shared::new(config, config_path.to_path_buf(), CertStore::new(pair));
+    discovery::first_lookups(&shared);
     health::warm_up(&shared);
 
     let opt = Opt {
@@ -176,6 +178,10 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     server.add_service(background_service(
         "switchyard health",
         Checker::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "switchyard discovery",
+        Discovery::new(shared.clone()),
     ));
     server.add_service(background_service(
         "switchyard reload",

@@ -33,9 +33,16 @@ pub struct Active {
     pub limits: Vec<Option<Arc<RouteLimits>>>,
 }
 
+/// Addresses found in DNS, by pool: the `dns` value asked and its latest
+/// good answer (sorted).
+pub type Discovered = BTreeMap<String, (String, Vec<SocketAddr>)>;
+
 impl Active {
+    /// Builds `config`'s pools, each with the addresses `discovered` holds
+    /// for its current `dns` value.
     pub fn build(
         config: Config,
+        discovered: &Discovered,
         registry: &Registry,
         metrics: &Metrics,
         overrides: &Overrides,
@@ -46,16 +53,22 @@ impl Active {
             .pools
             .iter()
             .map(|(name, spec)| {
-                let pool = Pool::build(name, spec, registry, metrics, ttl);
+                let found = match (discovered.get(name), &spec.dns) {
+                    (Some((asked, addrs)), Some(dns)) if asked == dns => addrs.as_slice(),
+                    _ => &[],
+                };
+                let pool = Pool::build(name, spec, found, registry, metrics, ttl);
                 (name.clone(), Arc::new(pool))
             })
             .collect();
         let router = Router::build(&config.routes, &pools, metrics, overrides);
-        let backends = config
-            .backend_addrs()
-            .iter()
-            .filter_map(|addr| registry.get(addr))
+        let mut addrs: Vec<SocketAddr> = pools
+            .values()
+            .flat_map(|p| p.members.iter().map(|m| m.backend.addr))
             .collect();
+        addrs.sort();
+        addrs.dedup();
+        let backends = addrs.iter().filter_map(|addr| registry.get(addr)).collect();
         let limits = limiters.build(&config, metrics);
         Self {
             config: Arc::new(config),
@@ -115,6 +128,8 @@ pub struct Shared {
     rollouts: Mutex<BTreeMap<String, Rollout>>,
     /// Each rollout route's traffic windows, kept across rebuilds.
     windows: Mutex<BTreeMap<String, Arc<RouteWindows>>>,
+    /// Pool addresses from DNS, kept across reloads.
+    discovered: Mutex<Discovered>,
     /// Set when a graceful upgrade or shutdown begins. Pingora drops idle
     /// keep-alive connections when it stops, racing any request a client
     /// sends on them; answering with `Connection: close` from then on moves
@@ -146,7 +161,15 @@ impl Shared {
         let windows = Mutex::new(BTreeMap::new());
         let overrides = overrides_for(&config, &saved.rollouts, &windows);
         let limiters = Arc::new(Limiters::default());
-        let active = Active::build(config, &registry, &metrics, &overrides, &limiters);
+        let discovered = Discovered::new();
+        let active = Active::build(
+            config,
+            &discovered,
+            &registry,
+            &metrics,
+            &overrides,
+            &limiters,
+        );
         metrics.set_split_weights(&active.split_weights());
         metrics.mark_config_loaded();
         Arc::new(Self {
@@ -161,6 +184,7 @@ impl Shared {
             writer: Mutex::new(()),
             rollouts: Mutex::new(saved.rollouts),
             windows,
+            discovered: Mutex::new(discovered),
             closing: AtomicBool::new(false),
         })
     }
@@ -274,13 +298,76 @@ impl Shared {
     }
 
     fn install(&self, config: Config) {
-        let old = self.active();
-        warn_on_restart_only_changes(&old.config, &config);
-        let known: HashSet<SocketAddr> = old.backends.iter().map(|b| b.addr).collect();
+        warn_on_restart_only_changes(&self.active().config, &config);
+        self.rebuild(config);
+    }
+
+    /// Puts `config` in effect with the rollouts' overrides.
+    fn rebuild(&self, config: Config) -> Arc<Active> {
         let rollouts = self.rollouts.lock().expect("rollouts lock");
         let overrides = overrides_for(&config, &rollouts, &self.windows);
         drop(rollouts);
-        let active = self.swap_in(config, &overrides);
+        self.swap_in(config, &overrides)
+    }
+
+    /// Makes `addrs` pool `pool`'s addresses from DNS (the answer for
+    /// `dns`) and rebuilds the routes as a reload does: requests in flight
+    /// keep their snapshot. Returns the backends no pool lists any more.
+    pub fn set_discovered(
+        &self,
+        pool: &str,
+        dns: &str,
+        addrs: Vec<SocketAddr>,
+    ) -> Vec<Arc<Backend>> {
+        let _writer = self.writer.lock().expect("writer lock");
+        let entry = (dns.to_string(), addrs);
+        let mut discovered = self.discovered.lock().expect("discovered lock");
+        discovered.insert(pool.to_string(), entry);
+        drop(discovered);
+        let before = self.active();
+        let after = self.rebuild((*before.config).clone());
+        let kept: HashSet<SocketAddr> = after.backends.iter().map(|b| b.addr).collect();
+        before
+            .backends
+            .iter()
+            .filter(|b| !kept.contains(&b.addr))
+            .cloned()
+            .collect()
+    }
+
+    /// Drops `backend` from the registry once no request holds it and no
+    /// pool lists it, so that addresses that come and go in DNS do not
+    /// pile up. True when it was dropped.
+    pub fn forget(&self, backend: &Backend) -> bool {
+        let _writer = self.writer.lock().expect("writer lock");
+        let listed = self
+            .active()
+            .backends
+            .iter()
+            .any(|b| b.addr == backend.addr);
+        if listed || backend.in_flight() > 0 {
+            return false;
+        }
+        self.registry.forget(&backend.addr);
+        true
+    }
+
+    /// Builds the routes of `config` with `overrides` and the addresses
+    /// from DNS, and puts them in effect.
+    fn swap_in(&self, config: Config, overrides: &Overrides) -> Arc<Active> {
+        let known: HashSet<SocketAddr> = self.active().backends.iter().map(|b| b.addr).collect();
+        let discovered = self.discovered.lock().expect("discovered lock");
+        let active = Arc::new(Active::build(
+            config,
+            &discovered,
+            &self.registry,
+            &self.metrics,
+            overrides,
+            &self.limiters,
+        ));
+        drop(discovered);
+        self.metrics.set_split_weights(&active.split_weights());
+        self.active.store(active.clone());
         // A backend coming back into the configuration was not watched
         // meanwhile: it must pass `rise` checks again.
         for b in active.backends.iter().filter(|b| !known.contains(&b.addr)) {
@@ -288,19 +375,6 @@ impl Shared {
                 b.reset_health();
             }
         }
-    }
-
-    /// Builds the routes of `config` with `overrides` and puts them in effect.
-    fn swap_in(&self, config: Config, overrides: &Overrides) -> Arc<Active> {
-        let active = Arc::new(Active::build(
-            config,
-            &self.registry,
-            &self.metrics,
-            overrides,
-            &self.limiters,
-        ));
-        self.metrics.set_split_weights(&active.split_weights());
-        self.active.store(active.clone());
         active
     }
 

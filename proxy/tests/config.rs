@@ -121,6 +121,47 @@ const CASES: &[Case] = &[
         message: "needs at least one backend with weight > 0",
     },
     Case {
+        name: "pool with neither backends nor dns",
+        edit: (
+            "backends = [{ address = \"127.0.0.1:9201\" }]",
+            "max_in_flight = 4",
+        ),
+        key: "pools.green.backends",
+        line_of: "[pools.green]",
+        message: "pool 'green' has no backends and no dns",
+    },
+    Case {
+        name: "dns without a port",
+        edit: ("[pools.green]\n", "[pools.green]\ndns = \"backends.internal\"\n"),
+        key: "pools.green.dns",
+        line_of: "dns = ",
+        message: "'backends.internal' is neither host:port",
+    },
+    Case {
+        name: "SRV name without a domain",
+        edit: ("[pools.green]\n", "[pools.green]\ndns = \"_api._tcp\"\n"),
+        key: "pools.green.dns",
+        line_of: "dns = ",
+        message: "nor an SRV name (like '_api._tcp.backends.internal')",
+    },
+    Case {
+        name: "discovery min_ttl of zero",
+        edit: ("[retry]", "[discovery]\nmin_ttl = \"0s\"\n\n[retry]"),
+        key: "discovery.min_ttl",
+        line_of: "min_ttl",
+        message: "must be greater than 0",
+    },
+    Case {
+        name: "discovery max_ttl below min_ttl",
+        edit: (
+            "[retry]",
+            "[discovery]\nmin_ttl = \"5s\"\nmax_ttl = \"2s\"\n\n[retry]",
+        ),
+        key: "discovery.max_ttl",
+        line_of: "max_ttl",
+        message: "must be at least min_ttl",
+    },
+    Case {
         name: "zero max_in_flight on a pool",
         edit: ("[pools.green]\n", "[pools.green]\nmax_in_flight = 0\n"),
         key: "pools.green.max_in_flight",

@@ -56,43 +56,11 @@ async fn setup(delay_ms: u64, limits: &str, more: &str) -> (Upstream, Upstream, 
 /// The venv's python, made once per target dir and requirements.
 fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("h2abuse-venv");
-        let wanted = std::fs::read_to_string(driver_dir().join("requirements.txt"))
-            .expect("read requirements");
-        let marker = dir.join("installed-requirements.txt");
-        let python = dir.join("bin/python");
-        if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
-            return python;
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        run_ok(
-            std::process::Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&dir),
-        );
-        run_ok(
-            std::process::Command::new(&python)
-                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-                .arg("-r")
-                .arg(driver_dir().join("requirements.txt")),
-        );
-        std::fs::write(&marker, wanted).expect("write venv marker");
-        python
-    })
+    PYTHON.get_or_init(|| common::venv::python("h2abuse-venv", &driver_dir()))
 }
 
 fn driver_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h2abuse")
-}
-
-fn run_ok(cmd: &mut std::process::Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs one attack; returns the driver's JSON report.

@@ -46,6 +46,8 @@ pub struct Config {
     #[serde(default)]
     pub replicas: ReplicaSection,
     #[serde(default)]
+    pub discovery: DiscoverySection,
+    #[serde(default)]
     pub response_headers: ResponseHeaders,
     pub pools: BTreeMap<String, PoolSpec>,
     pub routes: Vec<RouteSpec>,
@@ -77,6 +79,79 @@ impl Default for ReplicaSection {
             key_prefix: "switchyard".into(),
         }
     }
+}
+
+/// `[discovery]`: how pools with `dns` are resolved.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverySection {
+    /// `ip:port` of the name servers to ask; empty: the system's
+    /// (`/etc/resolv.conf`, with its search domains).
+    pub nameservers: Vec<SocketAddr>,
+    /// A record's TTL is raised to this before the next lookup, so a TTL
+    /// of 0 cannot make the proxy query in a loop.
+    #[serde(with = "duration")]
+    pub min_ttl: Duration,
+    /// ... and lowered to this, so a long TTL cannot hide changes for long.
+    #[serde(with = "duration")]
+    pub max_ttl: Duration,
+}
+
+impl Default for DiscoverySection {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a pool's `dns` names: a `host:port` (its A/AAAA records, all on
+/// that port) or an SRV name (each target's addresses, on its port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsTarget {
+    Host { name: String, port: u16 },
+    Srv(String),
+}
+
+impl DnsTarget {
+    /// Parses a pool's `dns` value; the error says what is expected.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let expected = || {
+            format!("'{value}' is neither host:port (like 'backends.internal:9100') nor an SRV name (like '_api._tcp.backends.internal')")
+        };
+        if value.starts_with('_') {
+            let labels = value.trim_end_matches('.').split('.').count();
+            return (labels >= 3 && is_dns_name(value))
+                .then(|| Self::Srv(value.to_string()))
+                .ok_or_else(expected);
+        }
+        let (name, port) = value.rsplit_once(':').ok_or_else(expected)?;
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 && is_dns_name(name) => Ok(Self::Host {
+                name: name.to_string(),
+                port,
+            }),
+            _ => Err(expected()),
+        }
+    }
+}
+
+/// A DNS name (one final dot allowed): letters, digits, '-' and '_'.
+fn is_dns_name(name: &str) -> bool {
+    has_labels_of(name.strip_suffix('.').unwrap_or(name), b"-_")
+}
+
+/// Non-empty dot-separated labels of letters, digits and `extra` bytes.
+fn has_labels_of(name: &str, extra: &[u8]) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+        })
 }
 
 /// Process-level settings handed to Pingora's `ServerConf`.
@@ -364,11 +439,15 @@ impl Default for ResponseHeaders {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
+    #[serde(default)]
     pub backends: Vec<BackendSpec>,
     /// What the backends' readiness looks like (another server's health
     /// and metrics endpoints, or ours).
     #[serde(default)]
     pub readiness: Readiness,
+    /// A name whose addresses join `backends`, re-resolved as its TTL
+    /// runs out (see [`DnsTarget`]).
+    pub dns: Option<String>,
     /// Requests in flight per backend past which a pick skips it.
     pub max_in_flight: Option<u32>,
     /// Connects in progress per backend past which a pick skips it.
@@ -409,6 +488,18 @@ pub struct BackendSpec {
 }
 
 impl BackendSpec {
+    /// An address a pool's `dns` answered with: named after itself, of
+    /// weight 1, with the pool's caps.
+    pub fn found(addr: SocketAddr) -> Self {
+        Self {
+            address: addr.to_string(),
+            weight: 1,
+            max_in_flight: None,
+            max_connecting: None,
+            socket: Some(addr),
+        }
+    }
+
     /// The resolved address. Validation guarantees it is set.
     pub fn socket_addr(&self) -> SocketAddr {
         self.socket
@@ -606,18 +697,6 @@ impl Config {
         }
     }
 
-    /// Every distinct backend socket address in the configuration.
-    pub fn backend_addrs(&self) -> Vec<SocketAddr> {
-        let mut addrs: Vec<SocketAddr> = self
-            .pools
-            .values()
-            .flat_map(|p| p.backends.iter().map(BackendSpec::socket_addr))
-            .collect();
-        addrs.sort();
-        addrs.dedup();
-        addrs
-    }
-
     /// A human summary for `switchyard check`.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
@@ -630,6 +709,9 @@ impl Config {
         let _ = writeln!(out, "admin listener: {}", self.admin.address);
         for (name, pool) in &self.pools {
             let _ = writeln!(out, "pool {name}: {} backend(s)", pool.backends.len());
+            if let Some(dns) = &pool.dns {
+                let _ = writeln!(out, "  + the addresses of {dns}, from DNS");
+            }
             for b in &pool.backends {
                 let _ = writeln!(
                     out,

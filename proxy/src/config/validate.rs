@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::error::Problem;
 use super::locate::KeyPath;
-use super::{Config, PoolSpec, RolloutSpec, RouteSpec, Sticky, MAX_HEADERS};
+use super::{Config, DnsTarget, PoolSpec, RolloutSpec, RouteSpec, Sticky, MAX_HEADERS};
 use crate::tls::{self, KeyPairFile};
 
 /// Checks `config`, resolving relative paths against `base` and backend
@@ -22,6 +22,7 @@ pub(super) fn validate(config: &mut Config, base: &Path) -> Vec<Problem> {
     v.retry(config);
     v.limits(config);
     v.pools(config);
+    v.discovery(config);
     v.routes(config);
     let routes: Vec<_> = config
         .routes
@@ -255,8 +256,14 @@ impl Validator {
 
     fn pool(&mut self, name: &str, pool: &mut PoolSpec, path: &KeyPath) {
         let list = path.key("backends");
+        if let Some(Err(msg)) = pool.dns.as_deref().map(DnsTarget::parse) {
+            self.fail(path.key("dns"), msg);
+        }
         if pool.backends.is_empty() {
-            self.fail(list.clone(), format!("pool '{name}' has no backends"));
+            if pool.dns.is_none() {
+                let msg = format!("pool '{name}' has no backends and no dns");
+                self.fail(list.clone(), msg);
+            }
             return;
         }
         self.caps(path, pool.max_in_flight, pool.max_connecting);
@@ -275,10 +282,25 @@ impl Validator {
                 Err(msg) => self.fail(at, msg),
             }
         }
-        if pool.backends.iter().all(|b| b.weight == 0) {
+        // Addresses from DNS take weight 1, so they count as such a backend.
+        if pool.dns.is_none() && pool.backends.iter().all(|b| b.weight == 0) {
             let msg = format!("pool '{name}' needs at least one backend with weight > 0");
             self.fail(list.index(0).key("weight"), msg);
         }
+    }
+
+    fn discovery(&mut self, c: &Config) {
+        let d = &c.discovery;
+        self.check(
+            !d.min_ttl.is_zero(),
+            &["discovery", "min_ttl"],
+            "must be greater than 0",
+        );
+        self.check(
+            d.max_ttl >= d.min_ttl,
+            &["discovery", "max_ttl"],
+            "must be at least min_ttl",
+        );
     }
 
     /// A cap of 0 would keep the backend out of service for good.
@@ -493,11 +515,5 @@ fn is_valid_name(name: &str) -> bool {
 
 fn is_valid_host_pattern(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
-    !name.is_empty()
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    super::has_labels_of(name, b"-")
 }

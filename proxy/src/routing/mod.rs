@@ -64,6 +64,11 @@ impl Registry {
         self.lock().backends.get(addr).cloned()
     }
 
+    /// Drops the state of `addr` (its drain, if any, is kept).
+    pub fn forget(&self, addr: &SocketAddr) {
+        self.lock().backends.remove(addr);
+    }
+
     pub fn all(&self) -> Vec<Arc<Backend>> {
         self.lock().backends.values().cloned().collect()
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use prometheus::IntCounter;
 
 use super::{clock, fastrand, Backend, Lease, Registry};
-use crate::config::PoolSpec;
+use crate::config::{BackendSpec, PoolSpec, Readiness};
 use crate::metrics::{Metrics, PoolMetrics};
 
 /// A backend as configured in one pool.
@@ -63,6 +63,8 @@ pub struct Pool {
     pub name: String,
     pub members: Vec<Member>,
     pub metrics: PoolMetrics,
+    /// How its backends are checked.
+    pub readiness: Readiness,
     /// Some member has a cap: without one, picks skip the cap checks.
     capped: bool,
     report_ttl_ms: u64,
@@ -71,15 +73,22 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// The pool `spec` describes, with the addresses `found` in DNS (those
+    /// not listed already) as backends of weight 1.
     pub fn build(
         name: &str,
         spec: &PoolSpec,
+        found: &[SocketAddr],
         registry: &Registry,
         metrics: &Metrics,
         report_ttl: Duration,
     ) -> Self {
-        let members = spec
-            .backends
+        let listed = |a: &SocketAddr| spec.backends.iter().any(|b| b.socket == Some(*a));
+        let extra = found.iter().filter(|a| !listed(a));
+        let backends: Vec<BackendSpec> = (spec.backends.iter().cloned())
+            .chain(extra.map(|a| BackendSpec::found(*a)))
+            .collect();
+        let members = backends
             .iter()
             .map(|b| {
                 let backend = registry.get_or_create(b.socket_addr(), &b.address, metrics);
@@ -93,7 +102,7 @@ impl Pool {
                 }
             })
             .collect::<Vec<Member>>();
-        let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Self {
             name: name.to_string(),
             capped: members
@@ -101,6 +110,7 @@ impl Pool {
                 .any(|m| m.max_in_flight != NO_CAP || m.max_connecting != NO_CAP),
             members,
             metrics: metrics.pool(name),
+            readiness: spec.readiness,
             report_ttl_ms: u64::try_from(report_ttl.as_millis()).unwrap_or(u64::MAX),
             sampler: (weights.len() > SCAN_MAX).then(|| Alias::new(&weights)),
         }
@@ -257,26 +267,24 @@ impl Alias {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BackendSpec;
+
+    /// The address of test backend `i`.
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))
+    }
 
     fn spec_of(weights: &[u32]) -> PoolSpec {
         PoolSpec {
             readiness: Default::default(),
             max_in_flight: None,
             max_connecting: None,
+            dns: None,
             backends: weights
                 .iter()
                 .enumerate()
-                .map(|(i, w)| {
-                    let addr: SocketAddr =
-                        format!("127.0.0.1:{}", 10_000 + i).parse().expect("addr");
-                    BackendSpec {
-                        address: addr.to_string(),
-                        weight: *w,
-                        max_in_flight: None,
-                        max_connecting: None,
-                        socket: Some(addr),
-                    }
+                .map(|(i, w)| BackendSpec {
+                    weight: *w,
+                    ..BackendSpec::found(addr(i))
                 })
                 .collect(),
         }
@@ -287,6 +295,7 @@ mod tests {
         let pool = Pool::build(
             "p",
             spec,
+            &[],
             &Registry::default(),
             &Metrics::new(),
             Duration::from_secs(3),
@@ -304,6 +313,31 @@ mod tests {
 
     fn busy(m: &Member) -> Lease {
         Lease::claim(&m.backend, NO_CAP).expect("uncapped")
+    }
+
+    #[test]
+    fn addresses_from_dns_join_as_weight_one_without_doubling_a_listed_one() {
+        let registry = Registry::default();
+        let metrics = Metrics::new();
+        let found = [addr(1), addr(7)];
+        let pool = Pool::build(
+            "p",
+            &spec_of(&[3, 5]),
+            &found,
+            &registry,
+            &metrics,
+            Duration::ZERO,
+        );
+        let members: Vec<(SocketAddr, u32)> = pool
+            .members
+            .iter()
+            .map(|m| (m.backend.addr, m.weight))
+            .collect();
+        assert_eq!(members, [(addr(0), 3), (addr(1), 5), (addr(7), 1)]);
+        assert!(
+            !pool.members[2].backend.has_been_healthy(),
+            "a new address starts unchecked"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod matrix;
 pub mod raw;
 pub mod redis;
 pub mod upstream;
+pub mod venv;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
