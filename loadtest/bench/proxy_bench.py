@@ -194,6 +194,36 @@ def run_oha_rate(url, conns, seconds, rate):
             "p99": pct["p99"] * 1000}
 
 
+# The ports each set of contenders listens on: plain HTTP and TLS per proxy,
+# and Switchyard's admin listener.
+CONTENDER_PORTS = ("nginx_h", "nginx_t", "haproxy_h", "haproxy_t", "sy_h", "sy_t", "sy_a")
+
+
+def contender_commands(d, upstreams, ports, args):
+    """Writes the three proxies' configs for a pool of upstream ports into d;
+    returns name -> (argv, env) to start each one. args names the
+    Switchyard binary and the TLS cert and key every contender serves."""
+    cert, key = args.cert, args.key
+    ngx = "\n".join(f"        server 127.0.0.1:{p};" for p in upstreams)
+    render("nginx.conf.tmpl", d / "nginx.conf", DIR=d, SERVERS=ngx,
+           HTTP=f"127.0.0.1:{ports['nginx_h']}", TLS=f"127.0.0.1:{ports['nginx_t']}",
+           CERT=cert, KEY=key)
+    (d / "haproxy-cert.pem").write_text(Path(cert).read_text() + Path(key).read_text())
+    hap = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
+    render("haproxy.cfg.tmpl", d / "haproxy.cfg", DIR=d, SERVERS=hap,
+           HTTP=f"127.0.0.1:{ports['haproxy_h']}", TLS=f"127.0.0.1:{ports['haproxy_t']}")
+    sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
+    render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
+           HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
+           ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=cert, KEY=key)
+    return {
+        "nginx": (["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)], None),
+        "haproxy": (["haproxy", "-db", "-f", str(d / "haproxy.cfg")], None),
+        "switchyard": ([args.switchyard, "run", "--config", str(d / "switchyard.toml")],
+                       dict(os.environ, RUST_LOG="warn")),
+    }
+
+
 class Bench:
     def __init__(self, args, work):
         self.args = args
@@ -212,33 +242,12 @@ class Bench:
         return ports
 
     def start_contenders(self, upstreams, tag):
-        cert, key = self.args.cert, self.args.key
-        ports = dict(zip(["nginx_h", "nginx_t", "haproxy_h", "haproxy_t", "sy_h", "sy_t", "sy_a"],
-                         free_ports(7)))
+        ports = dict(zip(CONTENDER_PORTS, free_ports(len(CONTENDER_PORTS))))
         d = self.work / tag
         d.mkdir(exist_ok=True)
-        ngx = "\n".join(f"        server 127.0.0.1:{p};" for p in upstreams)
-        render("nginx.conf.tmpl", d / "nginx.conf", DIR=d, SERVERS=ngx,
-               HTTP=f"127.0.0.1:{ports['nginx_h']}", TLS=f"127.0.0.1:{ports['nginx_t']}",
-               CERT=cert, KEY=key)
-        (d / "haproxy-cert.pem").write_text(Path(cert).read_text() + Path(key).read_text())
-        hap = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
-        render("haproxy.cfg.tmpl", d / "haproxy.cfg", DIR=d, SERVERS=hap,
-               HTTP=f"127.0.0.1:{ports['haproxy_h']}", TLS=f"127.0.0.1:{ports['haproxy_t']}")
-        sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
-        render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
-               HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
-               ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=cert, KEY=key)
-        env = dict(os.environ, RUST_LOG="warn")
-        procs = {
-            "nginx": Proc("nginx", ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
-                          d / "nginx.log"),
-            "haproxy": Proc("haproxy", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")],
-                            d / "haproxy.log"),
-            "switchyard": Proc("switchyard", [self.args.switchyard, "run", "--config",
-                                              str(d / "switchyard.toml")],
-                               d / "switchyard.log", env=env),
-        }
+        procs = {name: Proc(name, argv, d / f"{name}.log", env=env)
+                 for name, (argv, env) in contender_commands(d, upstreams, ports,
+                                                             self.args).items()}
         for port in ports.values():
             wait_port(port)
         # Switchyard gates new backends until `rise` health checks pass.
