@@ -317,7 +317,8 @@ lt_drive_canary_shift() {
 }
 
 # lt_drive_drain ADMIN_URL ADDRESS: drain at T0+BEFORE, undrain at
-# T0+BEFORE+DRAINED. The drain call blocks until in-flight reaches 0.
+# T0+BEFORE+DRAINED (through UNDRAIN_ADMIN_URL when set: another replica).
+# The drain call blocks until in-flight reaches 0.
 lt_drive_drain() {
     local base="$1" addr="$2" t0 before drained
     t0="$(_lt_t0)" || return 1
@@ -326,7 +327,7 @@ lt_drive_drain() {
     lt_sleep_until "$t0" "$before"
     lt_drain "$base" "$addr" "${DRAIN_WAIT:-30s}" || return 1
     lt_sleep_until "$t0" "$(awk -v a="$before" -v b="$drained" 'BEGIN { print a + b }')"
-    lt_undrain "$base" "$addr"
+    lt_undrain "${UNDRAIN_ADMIN_URL:-$base}" "$addr"
 }
 
 # lt_drive_rollout CONFIG ADMIN_URL EXPECT: at T0+BEFORE, append a

@@ -4,6 +4,7 @@
 //
 // Every scenario reads the same variables (see loadtest/README.md):
 //   TARGET          base URL of the proxy          (https://localhost:8443)
+//   TARGETS         several proxies (comma-separated), one per VU in turn
 //   REQUEST_PATH    embedding endpoint             (/v1/embeddings)
 //   POOLS           pools to account for           (blue,green)
 //   T0_MS           epoch ms that phase offsets count from; the driver sets
@@ -43,8 +44,14 @@ export function envSecs(name, dflt) {
 
 const NAME_RE = /^[A-Za-z0-9_]+$/;
 
+// TARGETS (comma-separated) spreads the VUs over several proxy replicas,
+// one replica per VU; TARGET is the single-proxy default.
+const TARGETS = envStr('TARGETS', envStr('TARGET', 'https://localhost:8443'))
+  .split(',').map((t) => t.trim().replace(/\/+$/, '')).filter(Boolean);
+
 export const cfg = {
-  target: envStr('TARGET', 'https://localhost:8443').replace(/\/+$/, ''),
+  target: TARGETS[0],
+  targets: TARGETS,
   path: envStr('REQUEST_PATH', '/v1/embeddings'),
   pools: envStr('POOLS', 'blue,green').split(',').map((s) => s.trim()).filter(Boolean),
   targetBackend: envStr('TARGET_BACKEND', ''),
@@ -149,7 +156,8 @@ export function embed(phases, extra = {}) {
   const headers = Object.assign({ 'content-type': 'application/json' }, extra.headers);
   if (cfg.idempotencyKey) headers['idempotency-key'] = `${exec.vu.idInTest}-${exec.vu.iterationInScenario}`;
 
-  const res = http.post(`${cfg.target}${cfg.path}`, embeddingBody(), {
+  const target = cfg.targets[exec.vu.idInTest % cfg.targets.length];
+  const res = http.post(`${target}${cfg.path}`, embeddingBody(), {
     headers,
     tags,
     timeout: cfg.requestTimeout,
@@ -255,7 +263,7 @@ export function summarize(name, data) {
   const failed = m.http_req_failed ? m.http_req_failed.values.passes : 0;
   const d = m.http_req_duration ? m.http_req_duration.values : {};
   const lines = [];
-  lines.push(`== ${name}: ${cfg.target}${cfg.path}${cfg.insecure ? '  (TLS verification OFF: INSECURE=1)' : ''}`);
+  lines.push(`== ${name}: ${cfg.targets.join(' + ')}${cfg.path}${cfg.insecure ? '  (TLS verification OFF: INSECURE=1)' : ''}`);
   lines.push(`requests: ${reqs}   failed: ${failed} (${(failedRate * 100).toFixed(3)}%)   ` +
     `rate: ${m.http_reqs ? m.http_reqs.values.rate.toFixed(1) : 0}/s`);
   lines.push(`latency:  p50 ${fmtMs(d.med)}   p95 ${fmtMs(d['p(95)'])}   p99 ${fmtMs(d['p(99)'])}   max ${fmtMs(d.max)}`);
