@@ -225,19 +225,12 @@ class Bench:
         hap = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
         render("haproxy.cfg.tmpl", d / "haproxy.cfg", DIR=d, SERVERS=hap,
                HTTP=f"127.0.0.1:{ports['haproxy_h']}", TLS=f"127.0.0.1:{ports['haproxy_t']}")
-        sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
-        render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
-               HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
-               ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=cert, KEY=key)
-        env = dict(os.environ, RUST_LOG="warn")
         procs = {
             "nginx": Proc("nginx", ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
                           d / "nginx.log"),
             "haproxy": Proc("haproxy", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")],
                             d / "haproxy.log"),
-            "switchyard": Proc("switchyard", [self.args.switchyard, "run", "--config",
-                                              str(d / "switchyard.toml")],
-                               d / "switchyard.log", env=env),
+            "switchyard": self.start_switchyard(d, upstreams, ports),
         }
         for port in ports.values():
             wait_port(port)
@@ -245,6 +238,20 @@ class Bench:
         wait_http_200(f"http://127.0.0.1:{ports['sy_h']}/")
         time.sleep(3)  # let every backend of a large pool pass its rise checks too
         return procs, ports
+
+
+    def start_switchyard(self, d, upstreams, ports, extra=""):
+        """Switchyard in `d` on ports sy_h, sy_t and sy_a in front of
+        `upstreams`: the contender config, with `extra` TOML appended."""
+        sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
+        conf = render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
+                      HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
+                      ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=self.args.cert, KEY=self.args.key)
+        with open(conf, "a") as f:
+            f.write(extra)
+        env = dict(os.environ, RUST_LOG="warn")
+        return Proc("switchyard", [self.args.switchyard, "run", "--config", str(conf)],
+                    d / "switchyard.log", env=env)
 
 
 def urls(ports, upstream_port, scheme):
