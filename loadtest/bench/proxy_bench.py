@@ -212,16 +212,23 @@ def contender_commands(d, upstreams, ports, args):
     hap = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
     render("haproxy.cfg.tmpl", d / "haproxy.cfg", DIR=d, SERVERS=hap,
            HTTP=f"127.0.0.1:{ports['haproxy_h']}", TLS=f"127.0.0.1:{ports['haproxy_t']}")
-    sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
-    render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
-           HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
-           ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=cert, KEY=key)
     return {
         "nginx": (["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)], None),
         "haproxy": (["haproxy", "-db", "-f", str(d / "haproxy.cfg")], None),
-        "switchyard": ([args.switchyard, "run", "--config", str(d / "switchyard.toml")],
-                       dict(os.environ, RUST_LOG="warn")),
+        "switchyard": switchyard_command(d, upstreams, ports, args),
     }
+
+
+def switchyard_command(d, upstreams, ports, args, extra=""):
+    """Switchyard's contender config in d (ports sy_h, sy_t, sy_a) in front
+    of `upstreams`, with `extra` TOML appended; returns (argv, env)."""
+    sy = ",\n".join(f'  {{ address = "127.0.0.1:{p}", weight = 1 }}' for p in upstreams)
+    conf = render("switchyard.toml.tmpl", d / "switchyard.toml", DIR=d, SERVERS=sy,
+                  HTTP=f"127.0.0.1:{ports['sy_h']}", TLS=f"127.0.0.1:{ports['sy_t']}",
+                  ADMIN=f"127.0.0.1:{ports['sy_a']}", CERT=args.cert, KEY=args.key)
+    with open(conf, "a") as f:
+        f.write(extra)
+    return [args.switchyard, "run", "--config", str(conf)], dict(os.environ, RUST_LOG="warn")
 
 
 class Bench:

@@ -9,15 +9,15 @@
 // noisy client gets nothing but 200s and 429s, and about 1 - 1/NOISY of its
 // requests are refused: it is limited, to its limit and not below.
 //
-//   LIMIT=10 CALM_CLIENTS=4 CALM_RATE=5 NOISY=10 DURATION=60 k6 run noisy-neighbour.js
+//   LIMIT=4 CALM_CLIENTS=10 CALM_RATE=2 NOISY=10 DURATION=60 k6 run noisy-neighbour.js
 
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { Rate, Trend } from 'k6/metrics';
 import { cfg, envNum, envSecs, embed, embeddingBody, baseOptions, summaryOutputs, waitForT0 } from './lib/common.js';
 
-const LIMIT = envNum('LIMIT', 10);
-const CALM_CLIENTS = envNum('CALM_CLIENTS', 4);
+const LIMIT = envNum('LIMIT', 4);
+const CALM_CLIENTS = envNum('CALM_CLIENTS', 10);
 const CALM_RATE = envNum('CALM_RATE', LIMIT / 2);
 const NOISY = envNum('NOISY', 10);
 const DURATION = envSecs('DURATION', 60);
