@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -417,13 +417,11 @@ impl Drop for ChildGuard {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// Ports for servers started by address, shared with the proxy's tests
+// (that file says why they do not come from binding port 0).
+#[path = "../../../proxy/tests/common/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// A redis-server on a fixed port, without persistence.
 pub struct RedisServer {

@@ -193,12 +193,25 @@ pub fn assert_all_200(results: &[Result<Outcome, String>]) {
         .iter()
         .filter(|r| !r.as_ref().is_ok_and(|o| o.status == 200))
         .collect();
+    // Each distinct failure once, with its count: a burst of one kind
+    // (a whole first round of connections, say) reads differently from a
+    // scatter of kinds.
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for r in &bad {
+        let kind = match r {
+            Ok(o) => format!("status {} from '{}'", o.status, o.instance),
+            Err(e) => e.clone(),
+        };
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
     assert!(
         bad.is_empty(),
-        "{} of {} requests failed, first: {:?}",
+        "{} of {} requests failed: {kinds:#?}",
         bad.len(),
         results.len(),
-        bad.first()
     );
 }
 

@@ -5,13 +5,14 @@
 #![allow(dead_code)] // each test binary uses a different part of it
 
 pub mod matrix;
+pub mod ports;
 pub mod raw;
 pub mod redis;
 pub mod upstream;
 pub mod venv;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub use matrix::{Proto, Via};
+pub use ports::free_port;
 pub use upstream::Upstream;
 
 /// A throwaway CA and a `localhost`/127.0.0.1 server certificate it signed
@@ -90,15 +92,6 @@ fn openssl(args: &[&[&str]], files: &[(&str, PathBuf)]) {
         "openssl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A port that was free a moment ago (the proxy needs fixed ports in its
-/// config; upstreams use port 0 directly).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind port 0")
-        .port()
 }
 
 /// `[pools.<name>]` with the given backends and weights.
