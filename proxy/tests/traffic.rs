@@ -723,7 +723,9 @@ matrix!(
         assert_eq!(resp.headers()["retry-after"], "1");
         assert!(resp.headers().contains_key("x-request-id"));
         let error: serde_json::Value = resp.json().await.expect("JSON error body");
-        assert_eq!(error["error"]["type"], "no_backend", "{error}");
+        assert_eq!(error["error"]["type"], "overloaded", "{error}");
+        let message = error["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("max_in_flight"), "{error}");
 
         let mut served = Vec::new();
         for request in held {

@@ -1,17 +1,31 @@
 //! The proxy's own answers: which status and message each refusal or
 //! failure gets, and the JSON error body (OpenAI's error shape).
 
+use std::net::SocketAddr;
+
 use super::{Call, Front, Head as _};
 use crate::codec::head::HeadError;
+use crate::routing::Pool;
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     NoBackend,
+    /// Every backend that could take it is at its in-flight or connect cap.
+    Full,
     TimeBudget,
 }
 
 impl Refusal {
+    /// Why `pool` had no backend for a request that has tried `tried`.
+    pub fn none_left(pool: &Pool, tried: &[SocketAddr]) -> Self {
+        if pool.all_full(tried) {
+            Refusal::Full
+        } else {
+            Refusal::NoBackend
+        }
+    }
+
     /// Status, error type and message of the answer.
     pub fn describe(self, pool: &str) -> (u16, &'static str, String) {
         match self {
@@ -19,6 +33,11 @@ impl Refusal {
                 503,
                 "no_backend",
                 format!("no healthy backend in pool '{pool}'"),
+            ),
+            Refusal::Full => (
+                503,
+                "overloaded",
+                format!("every backend in pool '{pool}' is at its max_in_flight or max_connecting"),
             ),
             Refusal::TimeBudget => (
                 504,

@@ -73,7 +73,8 @@ pub async fn forward<F: Front>(
             }
         }
         let Some((next, lease)) = pool.lease(&call.tried) else {
-            return answer::refuse(front, call, Refusal::NoBackend).await;
+            let refusal = Refusal::none_left(&pool, &call.tried);
+            return answer::refuse(front, call, refusal).await;
         };
         pool.metrics.retries.inc();
         call.lease = Some(lease);

@@ -159,8 +159,9 @@ where
         None => None,
     };
     let Some((pool, first, lease)) = picked else {
-        call.refusal = Some(Refusal::NoBackend);
-        let (status, kind, msg) = Refusal::NoBackend.describe(&drawn.name);
+        let refusal = Refusal::none_left(drawn, &[]);
+        call.refusal = Some(refusal);
+        let (status, kind, msg) = refusal.describe(&drawn.name);
         call.pool = Some(drawn.clone());
         return answer::refuse_unread(front, call, status, kind, &msg).await;
     };

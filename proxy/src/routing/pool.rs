@@ -39,12 +39,16 @@ impl Member {
     /// At one of its caps; counted as a skip, since only a pick asks.
     #[inline]
     fn is_full(&self) -> bool {
-        let full = self.backend.in_flight() >= self.max_in_flight
-            || self.backend.connecting() >= self.max_connecting;
+        let full = self.at_cap();
         if full {
             self.full_skips.inc();
         }
         full
+    }
+
+    fn at_cap(&self) -> bool {
+        self.backend.in_flight() >= self.max_in_flight
+            || self.backend.connecting() >= self.max_connecting
     }
 }
 
@@ -149,6 +153,21 @@ impl Pool {
                 n + 1,
             )
         })
+    }
+
+    /// After a pick found nothing: whether that is because every member
+    /// that could take the request is at its cap (the pool is busy, not
+    /// broken), for the answer's message.
+    pub fn all_full(&self, tried: &[SocketAddr]) -> bool {
+        let open = self.members.iter().filter(|m| {
+            m.weight > 0 && m.backend.is_eligible() && !tried.contains(&m.backend.addr)
+        });
+        let (mut any, mut all) = (false, true);
+        for m in open {
+            any = true;
+            all &= m.at_cap();
+        }
+        self.capped && any && all
     }
 
     fn usable(&self, m: &Member, tried: &[SocketAddr]) -> bool {
