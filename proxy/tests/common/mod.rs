@@ -7,6 +7,7 @@
 pub mod matrix;
 pub mod raw;
 pub mod redis;
+pub mod rollout;
 pub mod upstream;
 pub mod venv;
 
