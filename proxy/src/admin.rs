@@ -14,6 +14,7 @@
 //! | GET | `/admin/config` | effective configuration, secrets left out |
 //! | GET | `/admin/config/status` | latest reload attempt and active config hash |
 //! | POST | `/admin/reload` | reload the configuration file now |
+//! | GET | `/admin/replicas` | the `[replicas]` sync: Redis reachable, state version, changes waiting, config hash, rollout judge |
 //!
 //! Errors: 401 bad or missing token, 404 unknown path or backend, 405 wrong
 //! method, 400 malformed parameter.

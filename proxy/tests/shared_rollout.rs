@@ -60,18 +60,16 @@ async fn judge(proxies: &[Proxy]) -> usize {
     }
 }
 
-/// Polls both replicas until `done` holds on each; the statuses seen on
-/// each.
+/// Polls both replicas at once until `done` holds on each, so that each
+/// one's every step is seen; the statuses seen on each.
 async fn until_both(
-    proxies: &[Proxy],
+    proxies: &[Proxy; 2],
     limit: Duration,
     done: impl Fn(&Value) -> bool + Copy,
-) -> Vec<Vec<Value>> {
-    let mut seen = Vec::new();
-    for proxy in proxies {
-        seen.push(until(proxy, limit, done).await);
-    }
-    seen
+) -> [Vec<Value>; 2] {
+    let [a, b] = proxies;
+    let (a, b) = tokio::join!(until(a, limit, done), until(b, limit, done));
+    [a, b]
 }
 
 /// The canary's weight in `proxy`'s routes.
@@ -103,15 +101,13 @@ async fn the_judge_promotes_on_traffic_that_either_replica_serves_alone() {
         })
         .await;
         let load = Load::over(&proxies[through], Proto::H2, 4);
-        // Both watched at once, so that each one's every step is seen.
-        let promoted = |s: &Value| s["state"] == "promoted";
-        let limit = Duration::from_secs(20);
-        let (on_0, on_1) = tokio::join!(
-            until(&proxies[0], limit, promoted),
-            until(&proxies[1], limit, promoted)
-        );
-        assert_eq!(weights(&on_0), [20, 50, 100]);
-        assert_eq!(weights(&on_1), [20, 50, 100]);
+        let seen = until_both(&proxies, Duration::from_secs(20), |s| {
+            s["state"] == "promoted"
+        })
+        .await;
+        for seen in &seen {
+            assert_eq!(weights(seen), [20, 50, 100]);
+        }
         load.finish().await; // asserts that no request failed
         let last = status(&proxies[j]).await;
         let windows = last["windows"].as_array().expect("windows");
@@ -246,4 +242,56 @@ async fn killing_the_judge_hands_the_lease_over_and_the_rollout_goes_on() {
     .await;
     assert_eq!(weights(&seen).last(), Some(&100));
     load.finish().await; // asserts that no request failed
+}
+
+/// Redis killed mid-rollout: both replicas keep serving with the weight
+/// they knew and nobody judges; Redis back (empty) gets the rollout from
+/// the replicas' copies, a judge takes the lease again, and the rollout
+/// goes on to promotion on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_gone_the_weights_hold_and_the_rollout_resumes_when_it_returns() {
+    let mut redis = Redis::start();
+    let (_blue, _green, proxies) = replicas(&redis, "").await;
+    judge(&proxies).await;
+    // Without traffic the rollout holds at its first step.
+    until_both(&proxies, Duration::from_secs(2), |s| s["weight"] == 20).await;
+    redis.kill();
+    let loads = [
+        Load::over(&proxies[0], Proto::H2, 2),
+        Load::over(&proxies[1], Proto::H2, 2),
+    ];
+    tokio::time::sleep(LEASE + Duration::from_millis(500)).await;
+    let mut judged = Vec::new();
+    for proxy in &proxies {
+        judged.push(status(proxy).await["windows_judged"].clone());
+    }
+    // Three windows' time: nothing judged, the weight held.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    for (proxy, judged) in proxies.iter().zip(judged) {
+        let (_, view) = proxy.admin("GET", "/admin/replicas").await;
+        assert_eq!(
+            (&view["connected"], &view["is_judge"]),
+            (&false.into(), &false.into()),
+            "{view}"
+        );
+        let now = status(proxy).await;
+        assert_eq!(
+            (&now["weight"], &now["windows_judged"]),
+            (&20.into(), &judged),
+            "{now}"
+        );
+    }
+
+    redis.restart();
+    let seen = until_both(&proxies, Duration::from_secs(20), |s| {
+        s["state"] == "promoted"
+    })
+    .await;
+    for seen in &seen {
+        assert_eq!(weights(seen), [20, 50, 100]);
+    }
+    judge(&proxies).await;
+    for load in loads {
+        load.finish().await; // Redis failing failed no request
+    }
 }

@@ -64,7 +64,7 @@ impl Validator {
         self.check(
             !r.resync_interval.is_zero(),
             &["replicas", "resync_interval"],
-            "must be more than 0",
+            "must be greater than 0",
         );
         self.check(
             r.judge_lease >= 2 * r.resync_interval,
