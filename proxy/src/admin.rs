@@ -14,6 +14,7 @@
 //! | GET | `/admin/config` | effective configuration, secrets left out |
 //! | GET | `/admin/config/status` | latest reload attempt and active config hash |
 //! | POST | `/admin/reload` | reload the configuration file now |
+//! | GET | `/admin/replicas` | the `[replicas]` sync: Redis reachable, state version, changes waiting, config hash, rollout judge |
 //!
 //! Errors: 401 bad or missing token, 404 unknown path or backend, 405 wrong
 //! method, 400 malformed parameter.
@@ -30,6 +31,7 @@ use serde_json::{json, Value};
 
 use crate::config::RolloutSpec;
 use crate::probes;
+use crate::replicas::Author;
 use crate::rollout::{Phase, Rollout};
 use crate::routing::{clock, strip_port, Backend, HostMatch, Member, StickyKey, NO_CAP};
 use crate::shared::Shared;
@@ -126,9 +128,10 @@ impl Admin {
         json!({ "routes": routes })
     }
 
-    /// `GET /admin/replicas`: whether drains are shared through Redis,
-    /// whether it answers, the state version applied, changes waiting, and
-    /// this replica's configuration hash (compare them across replicas).
+    /// `GET /admin/replicas`: whether drains and rollouts are shared
+    /// through Redis, whether it answers, the state version applied,
+    /// changes waiting, this replica's configuration hash (compare them
+    /// across replicas), and who judges the rollouts.
     fn replicas(&self) -> Value {
         let sync = &self.shared.sync;
         let shared = self.shared.active().config.replicas.redis_url.is_some();
@@ -138,6 +141,9 @@ impl Admin {
             "state_version": sync.version.load(std::sync::atomic::Ordering::Relaxed),
             "pending_changes": sync.pending(),
             "config_hash": self.shared.reload_status().active_hash,
+            "replica_id": sync.id,
+            "judge": shared.then(|| sync.judge()).flatten(),
+            "is_judge": sync.is_judge(),
         })
     }
 
@@ -223,7 +229,7 @@ impl Admin {
             let msg = "use start, pause, resume, promote or abort";
             return json_error(StatusCode::NOT_FOUND, "not_found", msg);
         }
-        if let Err(e) = self.shared.update_rollout(name, change) {
+        if let Err(e) = self.shared.update_rollout(name, Author::Operator, change) {
             let msg = format!("could not persist the rollout: {e}");
             return json_error(StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved", &msg);
         }

@@ -114,6 +114,9 @@ impl DiscoveryMetrics {
 pub struct ReplicaMetrics {
     pub connected: IntGauge,
     pub version: IntGauge,
+    /// 1 while this replica holds the rollout judge lease.
+    pub judge: IntGauge,
+    pub judge_acquired: IntCounter,
     config: IntGaugeVec,
 }
 
@@ -124,11 +127,23 @@ impl ReplicaMetrics {
         Self {
             connected: gauge(
                 "switchyard_replica_state_connected",
-                "1 while the Redis of [replicas] answers (drains are shared), else 0.",
+                "1 while the Redis of [replicas] answers (drains and rollouts are shared), else 0.",
             ),
             version: gauge(
                 "switchyard_replica_state_version",
-                "Version of the shared drain state this replica applied.",
+                "Version of the shared state (drains and rollouts) this replica applied.",
+            ),
+            judge: gauge(
+                "switchyard_replica_judge",
+                "1 while this replica holds the lease that makes it judge the rollouts, else 0.",
+            ),
+            judge_acquired: register(
+                r,
+                IntCounter::new(
+                    "switchyard_replica_judge_acquisitions_total",
+                    "Times this replica took the rollout judge lease.",
+                )
+                .expect("valid metric"),
             ),
             config: register(
                 r,

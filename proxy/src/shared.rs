@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::{Limiters, RouteLimits};
-use crate::replicas::SyncStatus;
+use crate::replicas::store::{Op, Snapshot};
+use crate::replicas::{Author, SyncStatus};
 use crate::rollout::Rollout;
 use crate::routing::{Backend, Overrides, Pool, Registry, RouteWindows, Router};
 use crate::state::{self, State};
@@ -118,7 +119,7 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     /// Rate-limit state, kept across reloads.
     pub limiters: Arc<Limiters>,
-    /// Drains shared with other replicas (`[replicas]`).
+    /// Drains and rollouts shared with other replicas (`[replicas]`).
     pub sync: SyncStatus,
     active: ArcSwap<Active>,
     status: Mutex<ReloadStatus>,
@@ -213,32 +214,44 @@ impl Shared {
             .cloned()
     }
 
-    /// Changes route `name`'s rollout (`None`: it ends), persists it, and
-    /// rebuilds the routes when the canary's weight moved.
+    /// Changes route `name`'s rollout (`None`: it ends), persists it,
+    /// rebuilds the routes when the canary's weight moved, and queues the
+    /// change for the other replicas.
     pub fn update_rollout(
         &self,
         name: &str,
+        author: Author,
         change: impl FnOnce(&mut Option<Rollout>),
     ) -> std::io::Result<()> {
         let _writer = self.writer.lock().expect("writer lock");
         let mut rollouts = self.rollouts.lock().expect("rollouts lock");
-        let before = rollouts.get(name).map(|r| r.weight);
-        let mut entry = rollouts.remove(name);
+        let before = rollouts.remove(name);
+        let mut entry = before.clone();
         change(&mut entry);
-        let after = entry.as_ref().map(|r| r.weight);
         let phase = entry.as_ref().map(|r| r.phase.code());
         self.metrics.set_rollout_state(name, phase);
+        if entry != before && self.active().config.replicas.redis_url.is_some() {
+            let base = before.as_ref().map_or(0, |r| r.revision);
+            let base = (author == Author::Judge).then_some(base);
+            self.sync.push_rollout(name, entry.clone(), base);
+        }
+        let moved = before.map(|r| r.weight) != entry.as_ref().map(|r| r.weight);
         if let Some(rollout) = entry {
             rollouts.insert(name.to_string(), rollout);
         }
         let saved = self.save_state(&rollouts);
-        if before != after {
-            let config = (*self.active().config).clone();
-            let overrides = overrides_for(&config, &rollouts, &self.windows);
-            drop(rollouts);
-            self.swap_in(config, &overrides);
+        if moved {
+            self.reweight(rollouts);
         }
         saved
+    }
+
+    /// Rebuilds the routes with the canary weights of `rollouts`.
+    fn reweight(&self, rollouts: std::sync::MutexGuard<'_, BTreeMap<String, Rollout>>) {
+        let config = (*self.active().config).clone();
+        let overrides = overrides_for(&config, &rollouts, &self.windows);
+        drop(rollouts);
+        self.swap_in(config, &overrides);
     }
 
     fn save_state(&self, rollouts: &BTreeMap<String, Rollout>) -> std::io::Result<()> {
@@ -390,27 +403,67 @@ impl Shared {
             return Ok(None);
         };
         if self.active().config.replicas.redis_url.is_some() {
-            self.sync.push(*addr, on);
+            self.sync.push_drain(*addr, on);
         }
         self.save_state(&self.rollouts.lock().expect("rollouts lock"))?;
         tracing::info!(backend = %backend.name, drained = on, "drain state changed");
         Ok(Some(backend))
     }
 
-    /// Applies the drained set another replica published (version
-    /// `version`) and keeps it in the state file.
-    pub fn apply_drains(&self, set: &BTreeSet<SocketAddr>, version: i64) {
+    /// This replica's state as changes that recreate it, for a Redis that
+    /// has none.
+    pub fn whole_state(&self) -> Vec<Op> {
+        let drains = self
+            .registry
+            .drained()
+            .into_iter()
+            .map(|a| Op::Drain(a, true));
+        let rollouts = self.rollouts.lock().expect("rollouts lock").clone();
+        let rollouts = rollouts.into_iter().map(|(route, r)| Op::Rollout {
+            route,
+            state: Some(r),
+            base: None,
+        });
+        drains.chain(rollouts).collect()
+    }
+
+    /// Applies the state the replicas share, as Redis holds it, and keeps
+    /// it in the state file.
+    pub fn apply_shared(&self, snapshot: Snapshot) {
         let _writer = self.writer.lock().expect("writer lock");
+        let Snapshot {
+            version,
+            drained,
+            rollouts: shared,
+        } = snapshot;
         let before: BTreeSet<SocketAddr> = self.registry.drained().into_iter().collect();
-        self.registry.replace_drains(set);
+        self.registry.replace_drains(&drained);
         self.sync
             .version
             .store(version, std::sync::atomic::Ordering::Relaxed);
-        if before != *set {
-            tracing::info!(target: "switchyard::replicas", version, drained = ?set, "drains from the other replicas applied");
-            if let Err(e) = self.save_state(&self.rollouts.lock().expect("rollouts lock")) {
+        let mut rollouts = self.rollouts.lock().expect("rollouts lock");
+        let rollouts_moved = *rollouts != shared;
+        let weight = |m: &BTreeMap<String, Rollout>| -> Vec<(String, u32)> {
+            m.iter().map(|(k, r)| (k.clone(), r.weight)).collect()
+        };
+        let weights_moved = weight(&rollouts) != weight(&shared);
+        if rollouts_moved {
+            for name in rollouts.keys().filter(|k| !shared.contains_key(*k)) {
+                self.metrics.set_rollout_state(name, None);
+            }
+            for (name, r) in &shared {
+                self.metrics.set_rollout_state(name, Some(r.phase.code()));
+            }
+            *rollouts = shared;
+        }
+        if before != drained || rollouts_moved {
+            tracing::info!(target: "switchyard::replicas", version, drained = ?drained, rollouts = ?weight(&rollouts), "state from the other replicas applied");
+            if let Err(e) = self.save_state(&rollouts) {
                 tracing::error!(error = %e, "cannot write the state file");
             }
+        }
+        if weights_moved {
+            self.reweight(rollouts);
         }
     }
 
@@ -429,6 +482,7 @@ impl Shared {
         replica
             .version
             .set(self.sync.version.load(std::sync::atomic::Ordering::Relaxed));
+        replica.judge.set(i64::from(self.sync.is_judge()));
         replica.set_config_hash(&self.reload_status().active_hash);
         let edge = &self.metrics.edge;
         for ((route, rule), state) in self.limiters.states() {

@@ -162,6 +162,16 @@ const CASES: &[Case] = &[
         message: "must be at least min_ttl",
     },
     Case {
+        name: "judge lease shorter than two resyncs",
+        edit: (
+            "[retry]",
+            "[replicas]\nresync_interval = \"1s\"\njudge_lease = \"1500ms\"\n\n[retry]",
+        ),
+        key: "replicas.judge_lease",
+        line_of: "judge_lease",
+        message: "must be at least twice resync_interval",
+    },
+    Case {
         name: "zero max_in_flight on a pool",
         edit: ("[pools.green]\n", "[pools.green]\nmax_in_flight = 0\n"),
         key: "pools.green.max_in_flight",

@@ -7,20 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pool, Load, Proto, Proxy, Upstream};
-use serde_json::Value;
-
-/// Blue is the baseline, green the canary; fast windows so tests converge
-/// in seconds; passive ejection off, so a failing canary keeps its traffic
-/// and is judged on it.
-fn rollout_config(blue: &Upstream, green: &Upstream, rollout: &str) -> String {
-    pool("blue", &[(blue.addr, 1)])
-        + &pool("green", &[(green.addr, 1)])
-        + "[passive]\nfailures = 0\n"
-        + "[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nsplit = { blue = 100, green = 0 }\n"
-        + "[routes.rollout]\ncanary = \"green\"\nsteps = [20, 50, 100]\n"
-        + rollout
-}
+use common::rollout::{failed_check, rollout_config, status, steer, until, weights};
+use common::{Load, Proto, Proxy, Upstream};
 
 /// Both upstreams (with `delay_ms` per request) and the proxy.
 async fn setup(delay_ms: u64, rollout: &str) -> (Upstream, Upstream, Proxy) {
@@ -28,55 +16,6 @@ async fn setup(delay_ms: u64, rollout: &str) -> (Upstream, Upstream, Proxy) {
     let green = Upstream::start("green", delay_ms).await;
     let proxy = Proxy::start(&rollout_config(&blue, &green, rollout)).await;
     (blue, green, proxy)
-}
-
-async fn status(proxy: &Proxy) -> Value {
-    let (code, body) = proxy.admin("GET", "/admin/routes/default/rollout").await;
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
-/// Polls the rollout until `done` holds, returning the statuses seen.
-async fn until(proxy: &Proxy, limit: Duration, done: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let started = std::time::Instant::now();
-    let mut seen = Vec::new();
-    while started.elapsed() < limit {
-        let now = status(proxy).await;
-        let finished = done(&now);
-        seen.push(now);
-        if finished {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "rollout never got there: {:#}",
-        seen.last().unwrap_or(&Value::Null)
-    );
-}
-
-/// `POST .../rollout/{action}`: the state and weight it answers.
-async fn steer(proxy: &Proxy, action: &str) -> (Value, Value) {
-    let path = format!("/admin/routes/default/rollout/{action}");
-    let (code, body) = proxy.admin("POST", &path).await;
-    assert_eq!(code, 200, "{body}");
-    (body["state"].clone(), body["weight"].clone())
-}
-
-/// Whether check `name` failed in one of the status's recent windows.
-fn failed_check(status: &Value, name: &str) -> bool {
-    let failed = format!("{name} Fail");
-    status["windows"].as_array().is_some_and(|w| {
-        w.iter()
-            .flat_map(|w| w["checks"].as_array().into_iter().flatten())
-            .any(|c| c.as_str().is_some_and(|c| c.starts_with(&failed)))
-    })
-}
-
-fn weights(seen: &[Value]) -> Vec<u64> {
-    let mut out: Vec<u64> = seen.iter().filter_map(|s| s["weight"].as_u64()).collect();
-    out.dedup();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

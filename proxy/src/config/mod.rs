@@ -56,8 +56,8 @@ pub struct Config {
     pub source_hash: String,
 }
 
-/// `[replicas]`: runtime state (drains) shared with other replicas
-/// through Redis. Read at start.
+/// `[replicas]`: runtime state (drains, rollouts) shared with other
+/// replicas through Redis. Read at start.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicaSection {
@@ -69,6 +69,11 @@ pub struct ReplicaSection {
     pub resync_interval: Duration,
     /// Prefix of the Redis keys, so several fleets can share one Redis.
     pub key_prefix: String,
+    /// Expiry of the lease that makes one replica judge the rollouts: how
+    /// long the others wait before taking over from a judge that died.
+    /// Renewed at every sync.
+    #[serde(with = "duration")]
+    pub judge_lease: Duration,
 }
 
 impl Default for ReplicaSection {
@@ -77,6 +82,7 @@ impl Default for ReplicaSection {
             redis_url: None,
             resync_interval: Duration::from_secs(1),
             key_prefix: "switchyard".into(),
+            judge_lease: Duration::from_secs(3),
         }
     }
 }

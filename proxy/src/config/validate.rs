@@ -23,6 +23,7 @@ pub(super) fn validate(config: &mut Config, base: &Path) -> Vec<Problem> {
     v.limits(config);
     v.pools(config);
     v.discovery(config);
+    v.replicas(config);
     v.routes(config);
     let routes: Vec<_> = config
         .routes
@@ -56,6 +57,20 @@ impl Validator {
             let p = path.iter().fold(KeyPath::root(), |p, k| p.key(k));
             self.fail(p, message);
         }
+    }
+
+    fn replicas(&mut self, c: &Config) {
+        let r = &c.replicas;
+        self.check(
+            !r.resync_interval.is_zero(),
+            &["replicas", "resync_interval"],
+            "must be greater than 0",
+        );
+        self.check(
+            r.judge_lease >= 2 * r.resync_interval,
+            &["replicas", "judge_lease"],
+            "must be at least twice resync_interval: the lease is renewed at every resync",
+        );
     }
 
     fn server(&mut self, c: &mut Config, base: &Path) {

@@ -2,6 +2,11 @@
 //! both arms' window, judge it, and move the canary's weight. A rollout
 //! starts when its section appears in the file (or through the admin API)
 //! and ends when the section goes; meanwhile it owns the route's split.
+//!
+//! With `[replicas]`, only the replica holding the judge lease decides
+//! (`crate::replicas`): it judges the window every replica added to Redis,
+//! and its decisions reach the others as shared state. The others only
+//! sample their backends' reports into their windows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,7 +20,9 @@ use tokio::time::Instant;
 use super::judge::{self, Arm, Outcome, Policy};
 use super::status::{Phase, Rollout, WindowRecord};
 use crate::config::{Rollback, RolloutSpec};
-use crate::routing::{ArmTraffic, Pool};
+use crate::replicas::store::Link;
+use crate::replicas::Author;
+use crate::routing::{ArmTraffic, WindowCounts};
 use crate::shared::Shared;
 
 /// How often the loop looks for windows that are due.
@@ -32,76 +39,70 @@ pub struct Controller {
     shared: Arc<Shared>,
 }
 
-/// What each arm's backends reported over a window, sampled every tick:
-/// readiness flaps and queue depth, for the judge's report checks.
-#[derive(Default, Clone, Copy)]
-struct Reports {
-    checks: u32,
-    not_ready: u32,
-    queue_depth_sum: u64,
-}
-
-impl Reports {
-    fn sample(&mut self, pool: &Pool) {
-        for member in &pool.members {
-            let backend = &member.backend;
-            self.checks += 1;
-            self.not_ready += u32::from(!backend.is_ready());
-            self.queue_depth_sum += u64::from(backend.queue_depth());
-        }
-    }
-
-    fn queue_depth_mean(&self) -> f64 {
-        self.queue_depth_sum as f64 / f64::from(self.checks.max(1))
-    }
-}
-
-/// Per route under rollout: when its next window is due, and the reports
-/// of its two arms so far.
-struct Tracked {
-    due: Instant,
-    reports: [Reports; 2],
-}
+/// When each route's next window is due, on the replica that judges.
+type Due = HashMap<String, Instant>;
 
 impl Controller {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }
 
-    /// Starts rollouts whose section appeared, judges the windows that are
-    /// due, and ends rollouts whose section went.
-    fn round(&self, tracked: &mut HashMap<String, Tracked>) {
+    /// Samples the backends' reports into every rollout window; then, on
+    /// the replica that judges, starts rollouts whose section appeared,
+    /// judges the windows that are due, and ends rollouts whose section
+    /// went. `link`: the shared windows, with `[replicas]`.
+    async fn round(&self, due: &mut Due, mut link: Option<&mut Link>) {
         let active = self.shared.active();
-        let now = Instant::now();
-        let mut live = HashSet::new();
-        for route in &active.config.routes {
-            let (Some(name), Some(spec)) = (&route.name, &route.rollout) else {
+        let rollouts = active
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.name.as_ref()?, r.rollout.as_ref()?)));
+        for (name, _) in rollouts.clone() {
+            let Some(windows) = self.shared.windows(name) else {
                 continue;
             };
+            for (arm, pool) in windows.arms.iter().zip(&windows.pools) {
+                if let Some(pool) = active.pools.get(pool) {
+                    arm.sample_reports(pool);
+                }
+            }
+        }
+        if link.is_some() && !self.shared.sync.is_judge() {
+            // A judge-to-be starts every window afresh.
+            due.clear();
+            return;
+        }
+        let now = Instant::now();
+        let mut live = HashSet::new();
+        for (name, spec) in rollouts {
             live.insert(name.clone());
-            let track = tracked.entry(name.clone()).or_insert(Tracked {
-                due: now + spec.interval,
-                reports: Default::default(),
-            });
-            if let Some(windows) = self.shared.windows(name) {
-                for (reports, pool) in track.reports.iter_mut().zip(&windows.pools) {
-                    if let Some(pool) = active.pools.get(pool) {
-                        reports.sample(pool);
-                    }
+            if !due.contains_key(name) {
+                due.insert(name.clone(), now + spec.interval);
+                if let Some(link) = link.as_deref_mut() {
+                    // Counted before this replica judged: another judge's
+                    // window, or none.
+                    collect(link, name).await;
                 }
             }
             let Some(rollout) = self.shared.rollout(name) else {
                 self.change(name, "started", |r| *r = Some(Rollout::start(spec)));
-                track.due = now + spec.interval;
+                due.insert(name.clone(), now + spec.interval);
                 continue;
             };
-            if now >= track.due {
-                track.due = now + spec.interval;
-                let reports = std::mem::take(&mut track.reports);
-                self.window(name, spec, &rollout, reports);
+            if now < due[name] {
+                continue;
+            }
+            due.insert(name.clone(), now + spec.interval);
+            let counts = match link.as_deref_mut() {
+                None => self.shared.windows(name).map(|w| w.take()),
+                Some(link) => collect(link, name).await,
+            };
+            if let Some(counts) = counts {
+                self.window(name, spec, &rollout, counts);
             }
         }
-        tracked.retain(|name, _| live.contains(name));
+        due.retain(|name, _| live.contains(name));
         for name in self.shared.rollout_names() {
             if !live.contains(&name) {
                 self.change(&name, "ended: its section is gone", |r| *r = None);
@@ -111,12 +112,11 @@ impl Controller {
 
     /// One window of route `name`: judged while the rollout progresses or
     /// holds; a gradual rollback steps down once per window.
-    fn window(&self, name: &str, spec: &RolloutSpec, rollout: &Rollout, reports: [Reports; 2]) {
-        let Some(windows) = self.shared.windows(name) else {
-            return;
-        };
-        let [baseline, canary] = [windows.arms[0].take(), windows.arms[1].take()];
-        let agreement = windows.take_agreement();
+    fn window(&self, name: &str, spec: &RolloutSpec, rollout: &Rollout, counts: WindowCounts) {
+        let WindowCounts {
+            arms: [baseline, canary],
+            agreement,
+        } = counts;
         let gradual = spec.rollback == Rollback::Gradual;
         if rollout.phase == Phase::RolledBack && gradual && rollout.weight > 0 {
             self.change(name, "stepped down", |r| {
@@ -138,12 +138,12 @@ impl Controller {
             min_cosine: spec.compare.as_ref().map(|c| c.min_cosine),
         };
         let verdict = judge::judge(
-            &arm(&baseline, &reports[0]),
+            &arm(&baseline),
             &Arm {
                 agreement_pairs: agreement.pairs,
                 agreement_below: agreement.below,
                 agreement_min: agreement.min,
-                ..arm(&canary, &reports[1])
+                ..arm(&canary)
             },
             &policy,
         );
@@ -174,7 +174,7 @@ impl Controller {
     /// Applies `change` to route `name`'s rollout, and logs and counts it.
     fn change(&self, name: &str, what: &str, change: impl FnOnce(&mut Option<Rollout>)) {
         let before = self.shared.rollout(name);
-        if let Err(e) = self.shared.update_rollout(name, change) {
+        if let Err(e) = self.shared.update_rollout(name, Author::Judge, change) {
             tracing::error!(target: TARGET, route = name, error = %e, "could not persist the rollout state");
         }
         let after = self.shared.rollout(name);
@@ -191,7 +191,8 @@ impl Controller {
     }
 }
 
-fn arm(traffic: &ArmTraffic, reports: &Reports) -> Arm {
+fn arm(traffic: &ArmTraffic) -> Arm {
+    let reports = &traffic.reports;
     Arm {
         requests: traffic.requests,
         errors: traffic.errors,
@@ -200,6 +201,20 @@ fn arm(traffic: &ArmTraffic, reports: &Reports) -> Arm {
         not_ready_checks: reports.not_ready,
         queue_depth_mean: reports.queue_depth_mean(),
         ..Arm::default()
+    }
+}
+
+/// `name`'s window as every replica counted it; `None` (the window is
+/// skipped) while Redis does not answer.
+async fn collect(link: &mut Link, name: &str) -> Option<WindowCounts> {
+    let mut conn = link.conn().await?;
+    match link.store.collect(&mut conn, name).await {
+        Ok(counts) => Some(counts),
+        Err(e) => {
+            tracing::warn!(target: TARGET, route = name, error = %e, "cannot take the shared window; skipped");
+            link.lost();
+            None
+        }
     }
 }
 
@@ -214,11 +229,12 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 #[async_trait]
 impl BackgroundService for Controller {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tracked = HashMap::new();
+        let mut due = Due::new();
+        let mut link = Link::open(&self.shared.active().config.replicas);
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.round(&mut tracked),
+                _ = tick.tick() => self.round(&mut due, link.as_mut()).await,
                 _ = shutdown.changed() => return,
             }
         }

@@ -1,6 +1,7 @@
 //! Where a rollout stands: its phase, step and canary weight, the windows
 //! it has judged, and the moves between them. Persisted with the drains,
-//! so a reload, a restart or an upgrade resumes at the same step.
+//! so a reload, a restart or an upgrade resumes at the same step; shared
+//! with the other replicas through Redis with `[replicas]`.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +40,7 @@ impl Phase {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub phase: Phase,
     /// Index into `steps`.
@@ -50,10 +51,14 @@ pub struct Rollout {
     pub windows_judged: u32,
     #[serde(default)]
     pub recent: Vec<WindowRecord>,
+    /// With `[replicas]`: the shared state's revision of this rollout that
+    /// this copy came from (0: not shared). Kept beside the JSON in Redis.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 /// One judged window, as the admin API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowRecord {
     /// Unix seconds at the end of the window.
     pub at: f64,
@@ -88,6 +93,7 @@ impl Rollout {
             failed_in_row: 0,
             windows_judged: 0,
             recent: Vec::new(),
+            revision: 0,
         }
     }
 

@@ -21,7 +21,10 @@ pub use router::{
     SplitEntry, StickyKey, BUCKETS,
 };
 pub use shed::{saturation, ShedRule};
-pub use window::{Agreement, ArmTraffic, ArmWindow, MirrorSlot, Overrides, RouteWindows};
+pub use window::{
+    Agreement, ArmTraffic, ArmWindow, MirrorSlot, Overrides, Reports, RouteWindows, WindowCounts,
+    SAMPLE,
+};
 
 use crate::metrics::Metrics;
 
@@ -161,5 +164,11 @@ pub mod fastrand {
     pub fn below(n: u64) -> u64 {
         // Multiply-shift maps the 64-bit value onto 0..n without division.
         ((u128::from(next()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// Uniform value in `[0, 1)`: the top 53 bits as an `f64` fraction.
+    #[inline]
+    pub fn unit() -> f64 {
+        (next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -8,6 +8,7 @@ pub mod matrix;
 pub mod ports;
 pub mod raw;
 pub mod redis;
+pub mod rollout;
 pub mod upstream;
 pub mod venv;
 
