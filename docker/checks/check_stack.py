@@ -41,6 +41,13 @@ PROXY_COUNTERS_GAUGES = {
     "switchyard_pool_fallbacks_total",
     "switchyard_rollout_state",
     "switchyard_rollout_checks_total",
+    "switchyard_replica_state_version",
+    "switchyard_replica_state_connected",
+    "switchyard_replica_judge",
+    "switchyard_config_info",
+    "switchyard_ratelimit_decisions_total",
+    "switchyard_shed_requests_total",
+    "switchyard_backend_full_skips_total",
 }
 PROXY_HISTOGRAMS = {"switchyard_request_duration_seconds"}
 BACKEND_COUNTERS_GAUGES = {
