@@ -9,7 +9,9 @@
 //!   elsewhere while in-flight requests finish.
 //!
 //! Both carry the hash of the configuration in effect, so every replica's
-//! configuration can be compared from outside.
+//! configuration can be compared from outside. With `[replicas]`, readiness
+//! also says whether the shared state is current: a replica cut from Redis
+//! stays ready (it serves with the last state it knew) but says so.
 
 use std::sync::atomic::Ordering;
 
@@ -72,5 +74,13 @@ fn serving_routes(active: &Active) -> usize {
 
 fn answer(status: StatusCode, mut body: Value, shared: &Shared) -> Reply {
     body["config_hash"] = json!(shared.reload_status().active_hash);
+    if shared.active().config.replicas.redis_url.is_some() {
+        let sync = &shared.sync;
+        let connected = sync.connected.load(Ordering::Relaxed);
+        body["shared_state"] = json!({
+            "redis": if connected { "connected" } else { "unreachable" },
+            "version": sync.version.load(Ordering::Relaxed),
+        });
+    }
     crate::admin::reply(status, "application/json", body.to_string().into_bytes())
 }

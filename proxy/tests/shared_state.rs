@@ -130,6 +130,10 @@ async fn a_replica_cut_from_redis_keeps_serving_and_converges_when_it_returns() 
     assert!(!draining(&proxies[1], a.addr).await, "no path between them");
     let (_, state) = proxies[1].admin("GET", "/admin/replicas").await;
     assert_eq!(state["connected"], false, "{state}");
+    // Still ready, since it serves; readiness says with what.
+    let (status, ready) = proxies[1].admin("GET", "/health/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["shared_state"]["redis"], "unreachable", "{ready}");
 
     // Back without its data (no persistence): the replicas' copies refill it.
     redis.restart();
@@ -137,6 +141,8 @@ async fn a_replica_cut_from_redis_keeps_serving_and_converges_when_it_returns() 
     println!("converged {took:?} after Redis returned");
     let (_, state) = proxies[1].admin("GET", "/admin/replicas").await;
     assert_eq!(state["connected"], true, "{state}");
+    let (_, ready) = proxies[1].admin("GET", "/health/ready").await;
+    assert_eq!(ready["shared_state"]["redis"], "connected", "{ready}");
     let scrape = proxies[1].metrics().await;
     assert!(
         scrape.contains("switchyard_replica_state_connected 1"),
