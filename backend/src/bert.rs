@@ -151,6 +151,12 @@ impl Bert {
         for seq in batch {
             ensure!(!seq.ids.is_empty(), "cannot embed an empty sequence");
             ensure!(
+                seq.type_ids.len() == seq.ids.len(),
+                "a sequence has {} token ids but {} token types",
+                seq.ids.len(),
+                seq.type_ids.len()
+            );
+            ensure!(
                 seq.ids.len() <= self.positions,
                 "a sequence of {} tokens is longer than the model's {} positions",
                 seq.ids.len(),
@@ -204,7 +210,6 @@ impl Bert {
     }
 
     fn layer(&self, layer: &Layer, x: &[f32], starts: &[usize]) -> Vec<f32> {
-        let h = self.hidden;
         let qkv = layer.qkv.forward(x, None);
         let context = self.attention(&qkv, starts);
         let mut attended = layer.attention_out.forward(&context, Some(x));
@@ -218,9 +223,7 @@ impl Bert {
             .for_each(|rows| activation.apply_in_place(rows));
         let mut out = layer.output.forward(&inner, Some(&attended));
         debug_assert_eq!(out.len(), x.len());
-        out.par_chunks_mut(h)
-            .with_min_len(rows_per_task(h))
-            .for_each(|row| layer.output_norm.apply(row));
+        layer.output_norm.apply_rows(&mut out);
         out
     }
 
