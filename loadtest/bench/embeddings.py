@@ -404,8 +404,9 @@ def run(args, levels, st_model, onnx_dir):
                 print_row(rows[-1])
             print(flush=True)
 
+    ort_threads = " or ".join(str(n) for n in engines[ANCHOR].sessions)
     print(f"cores: {os.cpu_count()}, backend threads: {args.threads}, ORT intra-op threads: "
-          f"{args.threads} or 1, onnxruntime {onnxruntime.__version__}, torch {torch.__version__} "
+          f"{ort_threads}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__} "
           f"(threads {torch_engine.default_threads} or 1), "
           f"median of {args.rounds} alternating rounds of {args.seconds:g}s per cell")
     if args.json_out:
