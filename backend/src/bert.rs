@@ -1,38 +1,90 @@
-//! A BERT encoder for inference on the CPU, reading the same weights and
-//! config.json as candle-transformers' `BertModel` but laid out for speed:
+//! A BERT encoder for inference on the CPU. It reads the same weights and
+//! config.json as candle-transformers' `BertModel` (through candle's
+//! safetensors loader), but runs its own forward pass on plain f32 rows,
+//! with the `gemm` crate (candle's own matmul engine) for every product:
 //!
-//! - query, key and value are one fused matmul, with the 1/sqrt(head_dim)
+//! - **No padding.** A batch's sequences are laid end to end as one
+//!   (tokens, hidden) matrix: the dense layers multiply only real tokens, and
+//!   attention runs per sequence and head. A padded batch multiplies its
+//!   longest member's length by its size, whatever the others' lengths.
+//! - **Fused steps.** A product's output buffer starts as its bias (plus the
+//!   residual, where there is one) and gemm accumulates into it, so bias and
+//!   residual adds cost no pass of their own; layer norm, GELU and softmax
+//!   are one in-place pass each (see `kernels`). Candle ran each step as an
+//!   op over a fresh tensor, single-threaded on the inference thread.
+//! - query, key and value are one fused product, with the 1/sqrt(head_dim)
 //!   attention scale folded into the query weights at load time;
-//! - weights are stored transposed, which halved the time of a one-input
-//!   batch (gemm no longer repacks them on every call);
-//! - softmax and layer norm use candle's fused last-dimension kernels;
-//! - the exact (erf) GELU runs as a vectorisable kernel split across the
-//!   inference pool. candle's version calls a scalar erf per element, which
-//!   profiling showed as a large share of a long batch.
+//! - weights are stored transposed, (in, out) row-major, which gemm reads
+//!   without repacking them on every call (it halved a one-input batch).
+//!
+//! Everything runs on the calling rayon pool: gemm splits the dense products
+//! across it, the row-wise passes and the attention heads are spread over it.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+use anyhow::{ensure, Context, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::kernels::{layer_norm_in_place, softmax_in_place, Activation};
+
+/// Rows per parallel task in the row-wise passes, in elements: enough to
+/// amortise rayon's hand-off, small enough to split a short batch.
+const PAR_CHUNK_ELEMENTS: usize = 16 * 1024;
+
+fn rows_per_task(width: usize) -> usize {
+    (PAR_CHUNK_ELEMENTS / width).max(1)
+}
+
 pub struct Bert {
-    word_embeddings: Embedding,
-    position_embeddings: Embedding,
-    token_type_embeddings: Embedding,
-    embeddings_norm: LayerNorm,
+    word_embeddings: Vec<f32>,
+    position_embeddings: Vec<f32>,
+    token_type_embeddings: Vec<f32>,
+    embeddings_norm: Norm,
     layers: Vec<Layer>,
+    vocab: usize,
+    positions: usize,
+    token_types: usize,
+    hidden: usize,
     heads: usize,
     head_dim: usize,
-    activation: HiddenAct,
+    activation: Activation,
 }
 
 struct Layer {
     qkv: Dense,
     attention_out: Dense,
-    attention_norm: LayerNorm,
+    attention_norm: Norm,
     intermediate: Dense,
     output: Dense,
-    output_norm: LayerNorm,
+    output_norm: Norm,
+}
+
+/// One sequence of a batch: its token ids and segment ids.
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub type_ids: &'a [u32],
+}
+
+/// The last layer's token vectors of a batch, sequences end to end.
+pub struct Hidden {
+    data: Vec<f32>,
+    /// Sequence `i` is rows `starts[i]..starts[i + 1]`.
+    starts: Vec<usize>,
+    width: usize,
+}
+
+impl Hidden {
+    pub fn sequences(&self) -> impl Iterator<Item = &[f32]> {
+        self.starts
+            .windows(2)
+            .map(|w| &self.data[w[0] * self.width..w[1] * self.width])
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
 }
 
 impl Bert {
@@ -44,104 +96,277 @@ impl Bert {
             vb.pp("bert")
         };
         let h = config.hidden_size;
-        if !h.is_multiple_of(config.num_attention_heads) {
-            candle_core::bail!(
-                "hidden_size {h} is not a multiple of num_attention_heads {}",
-                config.num_attention_heads
-            );
-        }
+        ensure!(
+            h.is_multiple_of(config.num_attention_heads),
+            "hidden_size {h} is not a multiple of num_attention_heads {}",
+            config.num_attention_heads
+        );
         let head_dim = h / config.num_attention_heads;
-        let norm = |vb: VarBuilder| layer_norm(h, config.layer_norm_eps, vb.pp("LayerNorm"));
+        let eps = config.layer_norm_eps as f32;
+        let norm = |vb: VarBuilder| Norm::load(h, eps, vb.pp("LayerNorm"));
         let embeddings = vb.pp("embeddings");
+        let table = |name: &str, rows: usize| -> Result<Vec<f32>> {
+            flat(embeddings.pp(name).get((rows, h), "weight")?)
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attention = vb.pp("attention");
+                let intermediate = config.intermediate_size;
                 Ok(Layer {
                     qkv: fused_qkv(attention.pp("self"), h, head_dim)?,
                     attention_out: Dense::load(h, h, attention.pp("output.dense"))?,
                     attention_norm: norm(attention.pp("output"))?,
-                    intermediate: Dense::load(
-                        h,
-                        config.intermediate_size,
-                        vb.pp("intermediate.dense"),
-                    )?,
-                    output: Dense::load(config.intermediate_size, h, vb.pp("output.dense"))?,
+                    intermediate: Dense::load(h, intermediate, vb.pp("intermediate.dense"))?,
+                    output: Dense::load(intermediate, h, vb.pp("output.dense"))?,
                     output_norm: norm(vb.pp("output"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Bert {
-            word_embeddings: embedding(config.vocab_size, h, embeddings.pp("word_embeddings"))?,
-            position_embeddings: embedding(
-                config.max_position_embeddings,
-                h,
-                embeddings.pp("position_embeddings"),
-            )?,
-            token_type_embeddings: embedding(
-                config.type_vocab_size,
-                h,
-                embeddings.pp("token_type_embeddings"),
-            )?,
+            word_embeddings: table("word_embeddings", config.vocab_size)?,
+            position_embeddings: table("position_embeddings", config.max_position_embeddings)?,
+            token_type_embeddings: table("token_type_embeddings", config.type_vocab_size)?,
             embeddings_norm: norm(embeddings)?,
             layers,
+            vocab: config.vocab_size,
+            positions: config.max_position_embeddings,
+            token_types: config.type_vocab_size,
+            hidden: h,
             heads: config.num_attention_heads,
             head_dim,
-            activation: config.hidden_act,
+            activation: match config.hidden_act {
+                HiddenAct::Gelu => Activation::Gelu,
+                HiddenAct::GeluApproximate => Activation::GeluTanh,
+                HiddenAct::Relu => Activation::Relu,
+            },
         })
     }
 
-    /// `ids` and `type_ids` are (batch, seq) u32; `mask` is (batch, seq) f32
-    /// with 1 for real tokens and 0 for padding. Returns (batch, seq, hidden).
-    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, seq) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
-        let x = self
-            .word_embeddings
-            .forward(ids)?
-            .add(&self.token_type_embeddings.forward(type_ids)?)?
-            .broadcast_add(&self.position_embeddings.forward(&positions)?)?;
-        let mut x = self.embeddings_norm.forward(&x)?;
-
-        // 0 where attention is allowed, a huge negative number on padding,
-        // so padded keys get exactly zero weight after the softmax.
-        let mask = ((mask - 1.0)? * 1e30)?.reshape((batch, 1, 1, seq))?;
-        for layer in &self.layers {
-            x = self.layer(layer, &x, &mask)?;
+    /// Runs the encoder over `batch`. Each sequence attends only to itself,
+    /// so its vectors do not depend on what it was batched with.
+    pub fn forward(&self, batch: &[Sequence]) -> Result<Hidden> {
+        let mut starts = Vec::with_capacity(batch.len() + 1);
+        starts.push(0);
+        for seq in batch {
+            ensure!(!seq.ids.is_empty(), "cannot embed an empty sequence");
+            ensure!(
+                seq.type_ids.len() == seq.ids.len(),
+                "a sequence has {} token ids but {} token types",
+                seq.ids.len(),
+                seq.type_ids.len()
+            );
+            ensure!(
+                seq.ids.len() <= self.positions,
+                "a sequence of {} tokens is longer than the model's {} positions",
+                seq.ids.len(),
+                self.positions
+            );
+            starts.push(starts.last().copied().unwrap_or(0) + seq.ids.len());
         }
+        let mut x = self.embed(batch, &starts)?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, &starts);
+        }
+        Ok(Hidden {
+            data: x,
+            starts,
+            width: self.hidden,
+        })
+    }
+
+    /// Word + position + segment embeddings, layer-normalised.
+    fn embed(&self, batch: &[Sequence], starts: &[usize]) -> Result<Vec<f32>> {
+        let h = self.hidden;
+        let mut rows: Vec<(u32, usize, u32)> = Vec::with_capacity(*starts.last().unwrap_or(&0));
+        for seq in batch {
+            for (position, (&id, &type_id)) in seq.ids.iter().zip(seq.type_ids).enumerate() {
+                ensure!(
+                    (id as usize) < self.vocab,
+                    "token id {id} is outside the vocabulary"
+                );
+                ensure!(
+                    (type_id as usize) < self.token_types,
+                    "token type {type_id} is outside the model's {}",
+                    self.token_types
+                );
+                rows.push((id, position, type_id));
+            }
+        }
+        let mut x = vec![0f32; rows.len() * h];
+        x.par_chunks_mut(h)
+            .with_min_len(rows_per_task(h))
+            .zip(rows.par_iter())
+            .for_each(|(out, &(id, position, type_id))| {
+                let word = &self.word_embeddings[id as usize * h..][..h];
+                let pos = &self.position_embeddings[position * h..][..h];
+                let kind = &self.token_type_embeddings[type_id as usize * h..][..h];
+                for (((o, w), p), k) in out.iter_mut().zip(word).zip(pos).zip(kind) {
+                    *o = w + p + k;
+                }
+                self.embeddings_norm.apply(out);
+            });
         Ok(x)
     }
 
-    fn layer(&self, layer: &Layer, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, seq, hidden) = x.dims3()?;
-        let qkv = layer
-            .qkv
-            .forward(x)?
-            .reshape((batch, seq, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch, seq, hidden))?;
-        let attended = layer
-            .attention_norm
-            .forward(&layer.attention_out.forward(&context)?.add(x)?)?;
+    fn layer(&self, layer: &Layer, x: &[f32], starts: &[usize]) -> Vec<f32> {
+        let qkv = layer.qkv.forward(x, None);
+        let context = self.attention(&qkv, starts);
+        let mut attended = layer.attention_out.forward(&context, Some(x));
+        layer.attention_norm.apply_rows(&mut attended);
 
-        let inner = layer.intermediate.forward(&attended)?;
-        let inner = match self.activation {
-            HiddenAct::Gelu => inner.apply_op1_no_bwd(&GeluErf)?,
-            HiddenAct::GeluApproximate => inner.gelu()?,
-            HiddenAct::Relu => inner.relu()?,
-        };
-        layer
-            .output_norm
-            .forward(&layer.output.forward(&inner)?.add(&attended)?)
+        let mut inner = layer.intermediate.forward(&attended, None);
+        let activation = self.activation;
+        let width = layer.intermediate.outputs;
+        inner
+            .par_chunks_mut(rows_per_task(width) * width)
+            .for_each(|rows| activation.apply_in_place(rows));
+        let mut out = layer.output.forward(&inner, Some(&attended));
+        debug_assert_eq!(out.len(), x.len());
+        layer.output_norm.apply_rows(&mut out);
+        out
+    }
+
+    /// Scaled dot-product attention of every sequence with itself, one task
+    /// per (sequence, head). `qkv` is (tokens, 3·hidden): each row holds the
+    /// token's query, key and value, heads side by side.
+    fn attention(&self, qkv: &[f32], starts: &[usize]) -> Vec<f32> {
+        let (h, d) = (self.hidden, self.head_dim);
+        let stride = 3 * h;
+        let tokens = *starts.last().unwrap_or(&0);
+        let mut context = vec![0f32; tokens * h];
+        let out = SharedOut(context.as_mut_ptr());
+        let tasks: Vec<(usize, usize)> = (0..starts.len() - 1)
+            .flat_map(|s| (0..self.heads).map(move |head| (s, head)))
+            .collect();
+        tasks.into_par_iter().for_each(|(s, head)| {
+            let (start, len) = (starts[s], starts[s + 1] - starts[s]);
+            let base = start * stride + head * d;
+            let q = &qkv[base..];
+            let k = &qkv[base + h..];
+            let v = &qkv[base + 2 * h..];
+            let mut scores = vec![0f32; len * len];
+            let rows = |ptr: *const f32, cols| View::rows(ptr, len, cols, stride);
+            // SAFETY: q, k and v are rows start..start+len of the (tokens, 3h)
+            // `qkv`, and `scores` is len×len. Kᵀ is K's view with the strides
+            // swapped.
+            unsafe {
+                matmul(
+                    scores.as_mut_ptr(),
+                    len,
+                    false,
+                    rows(q.as_ptr(), d),
+                    rows(k.as_ptr(), d).transposed(),
+                    Parallelism::None,
+                );
+            }
+            scores.chunks_mut(len).for_each(softmax_in_place);
+            // SAFETY: this task alone writes columns head·d..(head+1)·d of
+            // rows start..start+len of `context` (tokens × h), which outlives
+            // the parallel loop; `v` is read within `qkv` as above.
+            unsafe {
+                matmul(
+                    out.at(start * h + head * d),
+                    h,
+                    false,
+                    View::rows(scores.as_ptr(), len, len, len),
+                    rows(v.as_ptr(), d),
+                    Parallelism::None,
+                );
+            }
+        });
+        context
+    }
+}
+
+/// The context matrix, written by many attention tasks at once, each to its
+/// own block of columns.
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `attention`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within the allocation (see `attention`).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// A matrix of f32s as gemm reads it: element (i, j) at
+/// `ptr + i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl View {
+    /// Row-major rows `row_stride` apart.
+    fn rows(ptr: *const f32, rows: usize, cols: usize, row_stride: usize) -> Self {
+        View {
+            ptr,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        View {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
+/// dst = lhs·rhs, or dst += lhs·rhs with `accumulate`; dst is row-major
+/// with rows `dst_row_stride` apart.
+///
+/// # Safety
+/// Every element of both views and of the (lhs.rows, rhs.cols) destination
+/// must lie in a live allocation, and the destination must not overlap
+/// either view or be written by anyone else meanwhile.
+unsafe fn matmul(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    parallelism: Parallelism,
+) {
+    debug_assert_eq!(lhs.cols, rhs.rows);
+    // SAFETY: the caller's contract is gemm's.
+    unsafe {
+        gemm::gemm(
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst,
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.ptr,
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            // dst = alpha·dst + beta·lhs·rhs
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
@@ -160,118 +385,116 @@ fn fused_qkv(vb: VarBuilder, h: usize, head_dim: usize) -> Result<Dense> {
     Dense::new(weight, bias)
 }
 
+fn flat(tensor: Tensor) -> Result<Vec<f32>> {
+    Ok(tensor.flatten_all()?.to_vec1::<f32>()?)
+}
+
 /// A linear layer that keeps its weight transposed to (in, out) row-major,
 /// the layout gemm reads without repacking for small batches.
 struct Dense {
-    weight_t: Tensor,
-    bias: Tensor,
+    weight_t: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
 }
 
 impl Dense {
     fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
+        let (outputs, inputs) = weight.dims2()?;
         Ok(Dense {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
+            weight_t: flat(weight.t()?.contiguous()?)?,
+            bias: flat(bias)?,
+            inputs,
+            outputs,
         })
     }
 
     fn load(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
         Self::new(
-            vb.get((outputs, inputs), "weight")?,
-            vb.get(outputs, "bias")?,
+            vb.get((outputs, inputs), "weight")
+                .context("dense weight")?,
+            vb.get(outputs, "bias").context("dense bias")?,
         )
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (batch, seq, inputs) = x.dims3()?;
-        x.reshape((batch * seq, inputs))?
-            .matmul(&self.weight_t)?
-            .broadcast_add(&self.bias)?
-            .reshape((batch, seq, ()))
-    }
-}
-
-/// GELU with the exact erf form, 0.5·x·(1 + erf(x/√2)).
-struct GeluErf;
-
-/// Elements per parallel task: enough to amortise the hand-off.
-const GELU_CHUNK: usize = 16 * 1024;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "gelu-erf-fast"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("gelu-erf-fast supports f32 only");
+    /// x·Wᵀ + b (+ `residual`), for x of (rows, inputs).
+    fn forward(&self, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+        let rows = x.len() / self.inputs;
+        // The output starts as bias (+ residual) and gemm adds the product.
+        let mut out = match residual {
+            Some(residual) => residual.to_vec(),
+            None => Vec::with_capacity(rows * self.outputs),
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-fast needs a contiguous input");
-        };
-        let src = &data[start..end];
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(GELU_CHUNK)
-            .zip(src.par_chunks(GELU_CHUNK))
-            .for_each(|(out, input)| {
-                for (o, &x) in out.iter_mut().zip(input) {
-                    *o = gelu(x);
-                }
-            });
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+        if residual.is_some() {
+            out.par_chunks_mut(self.outputs)
+                .with_min_len(rows_per_task(self.outputs))
+                .for_each(|row| row.iter_mut().zip(&self.bias).for_each(|(o, b)| *o += b));
+        } else {
+            for _ in 0..rows {
+                out.extend_from_slice(&self.bias);
+            }
+        }
+        // SAFETY: out is (rows, outputs), x is (rows, inputs) and weight_t is
+        // (inputs, outputs), all row-major and contiguous.
+        unsafe {
+            matmul(
+                out.as_mut_ptr(),
+                self.outputs,
+                true,
+                View::rows(x.as_ptr(), rows, self.inputs, self.inputs),
+                View::rows(
+                    self.weight_t.as_ptr(),
+                    self.inputs,
+                    self.outputs,
+                    self.outputs,
+                ),
+                Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        out
     }
 }
 
-#[inline(always)]
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
 }
 
-/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, i.e. at
-/// f32 resolution near 1), written without branches or libm calls so the
-/// compiler can vectorise the loop above.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_8,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    // Past 4, erf is 1 in f32; clamping keeps exp's argument in range.
-    let a = x.abs().min(4.0);
-    let t = 1.0 / (1.0 + P * a);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    (1.0 - poly * exp_neg(a * a)).copysign(x)
-}
+impl Norm {
+    /// Reads `weight`/`bias`, or the older `gamma`/`beta` names.
+    fn load(size: usize, eps: f32, vb: VarBuilder) -> Result<Self> {
+        let pick = |names: [&str; 2]| -> Result<Vec<f32>> {
+            let name = names
+                .into_iter()
+                .find(|name| vb.contains_tensor(name))
+                .unwrap_or(names[0]);
+            flat(vb.get(size, name)?)
+        };
+        Ok(Norm {
+            gamma: pick(["weight", "gamma"])?,
+            beta: pick(["bias", "beta"])?,
+            eps,
+        })
+    }
 
-/// e^(-y) for y in [0, 16]: Cody-Waite range reduction to r in
-/// [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (relative error ~1e-7).
-#[inline(always)]
-fn exp_neg(y: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without
-    // a call to roundf.
-    const ROUND: f32 = 12_582_912.0;
-    let z = -y;
-    let n = (z * LOG2E + ROUND) - ROUND;
-    let r = z - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r / 720.0)))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    fn apply(&self, row: &mut [f32]) {
+        layer_norm_in_place(row, &self.gamma, &self.beta, self.eps);
+    }
+
+    fn apply_rows(&self, x: &mut [f32]) {
+        let width = self.gamma.len();
+        x.par_chunks_mut(width)
+            .with_min_len(rows_per_task(width))
+            .for_each(|row| self.apply(row));
+    }
 }
 
 /// How token vectors become one sentence vector, as the model directory's
 /// `1_Pooling/config.json` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
-    /// The mean over real tokens (padding masked out).
+    /// The mean over the sequence's tokens.
     Mean,
     /// The first token's vector (`[CLS]`).
     Cls,
@@ -285,27 +508,26 @@ impl Pooling {
         }
     }
 
-    /// Pools `hidden` (batch, seq, dim) and L2-normalises, as
-    /// sentence-transformers' Pooling + Normalize do. `mask` is (batch, seq)
-    /// f32.
-    pub fn pool_normalised(self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let pooled = match self {
+    /// Pools one sequence's token vectors (`width` wide, end to end) and
+    /// L2-normalises, as sentence-transformers' Pooling + Normalize do.
+    pub fn pool_normalised(self, tokens: &[f32], width: usize) -> Vec<f32> {
+        let mut pooled = match self {
             Pooling::Mean => {
-                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-                // The clamps mirror sentence-transformers (mean pooling,
-                // F.normalize) so degenerate inputs give zeros rather than NaN.
-                let counts = mask.sum(1)?.maximum(1e-9)?;
-                summed.broadcast_div(&counts)?
+                let mut sum = vec![0f32; width];
+                for row in tokens.chunks(width) {
+                    sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                }
+                let count = (tokens.len() / width).max(1) as f32;
+                sum.iter_mut().for_each(|s| *s /= count);
+                sum
             }
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Cls => tokens[..width].to_vec(),
         };
-        let norms = pooled
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .maximum(1e-12)?;
-        pooled.broadcast_div(&norms)
+        // The clamp mirrors F.normalize, so a zero vector stays zero rather
+        // than turning into NaN.
+        let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        pooled.iter_mut().for_each(|x| *x /= norm);
+        pooled
     }
 }
 
@@ -315,63 +537,13 @@ mod tests {
 
     #[test]
     fn pooling_modes_normalise_what_they_pick() {
-        let dev = candle_core::Device::Cpu;
-        // One sentence, two real tokens and one padding token.
-        let hidden = Tensor::new(&[[[3f32, 4.], [0., 2.], [100., 100.]]], &dev).unwrap();
-        let mask = Tensor::new(&[[1f32, 1., 0.]], &dev).unwrap();
-        let pooled = |p: Pooling| {
-            p.pool_normalised(&hidden, &mask)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap()
-        };
-        assert_eq!(pooled(Pooling::Cls), vec![vec![0.6, 0.8]]);
-        // mean of (3,4) and (0,2) = (1.5,3), norm 3.354...; padding ignored
-        let mean = pooled(Pooling::Mean);
+        // One sentence of two tokens.
+        let tokens = [3f32, 4., 0., 2.];
+        assert_eq!(Pooling::Cls.pool_normalised(&tokens, 2), vec![0.6, 0.8]);
+        // mean of (3,4) and (0,2) = (1.5,3), norm 3.354...
+        let mean = Pooling::Mean.pool_normalised(&tokens, 2);
         let n = (1.5f32 * 1.5 + 9.).sqrt();
-        assert!((mean[0][0] - 1.5 / n).abs() < 1e-6 && (mean[0][1] - 3. / n).abs() < 1e-6);
-    }
-
-    #[test]
-    fn fast_gelu_matches_the_exact_one() {
-        let mut worst = 0f32;
-        for i in -20_000..=20_000 {
-            let x = i as f32 / 1000.0;
-            let exact = (0.5 * x as f64 * (1.0 + libm_erf(x as f64 / 2f64.sqrt()))) as f32;
-            worst = worst.max((gelu(x) - exact).abs() / exact.abs().max(1.0));
-        }
-        assert!(worst < 1e-6, "worst error {worst}");
-    }
-
-    #[test]
-    fn exp_neg_is_accurate() {
-        for i in 0..=1600 {
-            let y = i as f32 / 100.0;
-            let exact = (-(y as f64)).exp();
-            let rel = ((exp_neg(y) as f64 - exact) / exact).abs();
-            assert!(rel < 5e-7, "e^-{y}: relative error {rel}");
-        }
-    }
-
-    /// A slow but precise reference: erf by its Taylor series (fine for
-    /// |x| < 3) and the continued fraction of erfc beyond.
-    fn libm_erf(x: f64) -> f64 {
-        let a = x.abs();
-        let value = if a < 3.0 {
-            let mut term = a;
-            let mut sum = a;
-            for n in 1..200 {
-                term *= -a * a / n as f64;
-                sum += term / (2 * n + 1) as f64;
-            }
-            sum * 2.0 / std::f64::consts::PI.sqrt()
-        } else {
-            let mut f = 0.0;
-            for k in (1..60).rev() {
-                f = (k as f64 / 2.0) / (a + f);
-            }
-            1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * (a + f))
-        };
-        value.copysign(x)
+        assert!((mean[0] - 1.5 / n).abs() < 1e-6 && (mean[1] - 3. / n).abs() < 1e-6);
+        assert_eq!(Pooling::Mean.pool_normalised(&[0., 0.], 2), vec![0., 0.]);
     }
 }

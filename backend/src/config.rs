@@ -122,9 +122,8 @@ pub struct Config {
     )]
     pub fault_error_rate: f64,
 
-    /// Threads for the model's matrix multiplications; 0 uses one per CPU.
-    /// Element-wise ops run on the inference thread itself unless
-    /// CANDLE_NUM_THREADS says otherwise.
+    /// Threads for the forward pass (matrix products, attention heads and
+    /// row-wise steps); 0 uses one per CPU.
     #[arg(long, env = "SWITCHYARD_BACKEND_THREADS", default_value_t = 0)]
     pub threads: usize,
 }

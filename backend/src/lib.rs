@@ -9,6 +9,7 @@ pub mod bert;
 pub mod cache;
 pub mod config;
 pub mod health;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod state;

@@ -7,16 +7,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // candle splits element-wise ops over its own pool, whose caller
-    // busy-waits for every worker. On a small machine shared with tokio,
-    // Redis or other backends that wait costs more than the split saves
-    // (1.7x throughput at 32 concurrent requests, measured on 2 cores), so
-    // element-wise ops stay on the inference thread and only matmuls fan out
-    // (--threads). Runs before any thread exists; an operator's own setting
-    // wins.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
     let config = Config::parse();
     tracing_subscriber::fmt()
         .json()

@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::bert::{Bert, Pooling};
+use crate::bert::{Bert, Pooling, Sequence};
 
 /// What callers need to know about the loaded model, independent of weights.
 #[derive(Debug, Clone)]
@@ -65,40 +65,26 @@ impl TextTokenizer {
 pub struct Encoder {
     bert: Bert,
     pooling: Pooling,
-    pad_id: u32,
-    device: Device,
 }
 
 impl Encoder {
-    /// Embeds a batch, padding to its longest member. Padding is masked out of
-    /// both attention and pooling, so a text's vector does not depend on what
-    /// it was batched with.
+    /// Embeds a batch. Sequences are not padded: each attends only to
+    /// itself, so a text's vector does not depend on what it was batched
+    /// with.
     pub fn embed(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
-        let rows = batch.len();
-        let width = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
-        ensure!(rows > 0 && width > 0, "cannot embed an empty batch");
-
-        let mut ids = Vec::with_capacity(rows * width);
-        let mut type_ids = Vec::with_capacity(rows * width);
-        let mut mask = Vec::with_capacity(rows * width);
-        for tokens in batch {
-            let pad = width - tokens.ids.len();
-            ids.extend_from_slice(&tokens.ids);
-            ids.extend(std::iter::repeat_n(self.pad_id, pad));
-            type_ids.extend_from_slice(&tokens.type_ids);
-            type_ids.extend(std::iter::repeat_n(0, pad));
-            mask.extend(std::iter::repeat_n(1f32, tokens.ids.len()));
-            mask.extend(std::iter::repeat_n(0f32, pad));
-        }
-        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
-        let type_ids = Tensor::from_vec(type_ids, (rows, width), &self.device)?;
-        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
-
-        let hidden = self.bert.forward(&ids, &type_ids, &mask)?;
-        Ok(self
-            .pooling
-            .pool_normalised(&hidden, &mask)?
-            .to_vec2::<f32>()?)
+        ensure!(!batch.is_empty(), "cannot embed an empty batch");
+        let sequences: Vec<Sequence> = batch
+            .iter()
+            .map(|t| Sequence {
+                ids: &t.ids,
+                type_ids: &t.type_ids,
+            })
+            .collect();
+        let hidden = self.bert.forward(&sequences)?;
+        Ok(hidden
+            .sequences()
+            .map(|tokens| self.pooling.pool_normalised(tokens, hidden.width()))
+            .collect())
     }
 }
 
@@ -215,8 +201,7 @@ impl Model {
             .as_bytes(),
         ]);
 
-        let device = Device::Cpu;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)?;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)?;
         let bert = Bert::load(vb, &config).context("loading BERT weights")?;
 
         Ok(Model {
@@ -230,12 +215,7 @@ impl Model {
                 truncating: tokenizer,
                 whole,
             },
-            encoder: Encoder {
-                bert,
-                pooling,
-                pad_id: u32::try_from(config.pad_token_id).context("pad_token_id")?,
-                device,
-            },
+            encoder: Encoder { bert, pooling },
         })
     }
 }
