@@ -200,14 +200,16 @@ impl Batcher {
                 let worker = Worker {
                     queue,
                     arriving,
-                    pool,
                     encoder,
                     metrics,
                     max_batch: config.max_batch,
                     max_wait: config.max_wait,
                     bulk_promote_after: config.bulk_promote_after,
                 };
-                worker.run();
+                // The loop itself runs on a pool thread, so a batch starts
+                // its forward pass without handing it to the pool and
+                // waking this thread again when it is done.
+                pool.install(|| worker.run());
             })
             .context("spawning the inference thread")?;
         Ok((batcher, loaded_rx))
@@ -296,7 +298,6 @@ fn warm_up(pool: &rayon::ThreadPool, model: &Model) -> Result<()> {
 struct Worker {
     queue: Arc<Queue>,
     arriving: Arc<AtomicUsize>,
-    pool: rayon::ThreadPool,
     encoder: Encoder,
     metrics: Arc<Metrics>,
     max_batch: usize,
@@ -378,10 +379,8 @@ impl Worker {
         let encoder = &self.encoder;
         // A panic in the maths must cost this batch, not the thread: without
         // the thread every later request would hang in the queue.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.pool.install(|| encoder.embed(&tokens))
-        }))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the forward pass panicked")));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.embed(&tokens)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the forward pass panicked")));
         self.metrics
             .inference_duration
             .observe(started.elapsed().as_secs_f64());

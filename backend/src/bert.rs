@@ -1,23 +1,22 @@
 //! A BERT encoder for inference on the CPU. It reads the same weights and
 //! config.json as candle-transformers' `BertModel` (through candle's
-//! safetensors loader), but runs its own forward pass on plain f32 rows,
-//! with the `gemm` crate (candle's own matmul engine) for every product:
+//! safetensors loader), but runs its own forward pass on plain f32 rows:
+//! the linear layers on weights packed at load time (`linear`), attention's
+//! small per-head products on the `gemm` crate (candle's own matmul engine).
 //!
 //! - **No padding.** A batch's sequences are laid end to end as one
 //!   (tokens, hidden) matrix: the dense layers multiply only real tokens, and
 //!   attention runs per sequence and head. A padded batch multiplies its
 //!   longest member's length by its size, whatever the others' lengths.
-//! - **Fused steps.** A product's output buffer starts as its bias (plus the
-//!   residual, where there is one) and gemm accumulates into it, so bias and
-//!   residual adds cost no pass of their own; layer norm, GELU and softmax
-//!   are one in-place pass each (see `kernels`). Candle ran each step as an
-//!   op over a fresh tensor, single-threaded on the inference thread.
+//! - **Fused steps.** A linear layer writes bias (plus the residual, where
+//!   there is one) plus its product in one go, so bias and residual adds
+//!   cost no pass of their own; layer norm, GELU and softmax are one
+//!   in-place pass each (see `kernels`). Candle ran each step as an op over
+//!   a fresh tensor, single-threaded on the inference thread.
 //! - query, key and value are one fused product, with the 1/sqrt(head_dim)
-//!   attention scale folded into the query weights at load time;
-//! - weights are stored transposed, (in, out) row-major, which gemm reads
-//!   without repacking them on every call (it halved a one-input batch).
+//!   attention scale folded into the query weights at load time.
 //!
-//! Everything runs on the calling rayon pool: gemm splits the dense products
+//! Everything runs on the calling rayon pool: the linear layers are split
 //! across it, the row-wise passes and the attention heads are spread over it.
 
 use anyhow::{ensure, Context, Result};
@@ -28,6 +27,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::kernels::{layer_norm_in_place, softmax_in_place, Activation};
+use crate::linear::Linear;
 
 /// Rows per parallel task in the row-wise passes, in elements: enough to
 /// amortise rayon's hand-off, small enough to split a short batch.
@@ -53,11 +53,11 @@ pub struct Bert {
 }
 
 struct Layer {
-    qkv: Dense,
-    attention_out: Dense,
+    qkv: Linear,
+    attention_out: Linear,
     attention_norm: Norm,
-    intermediate: Dense,
-    output: Dense,
+    intermediate: Linear,
+    output: Linear,
     output_norm: Norm,
 }
 
@@ -115,10 +115,10 @@ impl Bert {
                 let intermediate = config.intermediate_size;
                 Ok(Layer {
                     qkv: fused_qkv(attention.pp("self"), h, head_dim)?,
-                    attention_out: Dense::load(h, h, attention.pp("output.dense"))?,
+                    attention_out: linear(h, h, attention.pp("output.dense"))?,
                     attention_norm: norm(attention.pp("output"))?,
-                    intermediate: Dense::load(h, intermediate, vb.pp("intermediate.dense"))?,
-                    output: Dense::load(intermediate, h, vb.pp("output.dense"))?,
+                    intermediate: linear(h, intermediate, vb.pp("intermediate.dense"))?,
+                    output: linear(intermediate, h, vb.pp("output.dense"))?,
                     output_norm: norm(vb.pp("output"))?,
                 })
             })
@@ -217,7 +217,7 @@ impl Bert {
 
         let mut inner = layer.intermediate.forward(&attended, None);
         let activation = self.activation;
-        let width = layer.intermediate.outputs;
+        let width = layer.intermediate.outputs();
         inner
             .par_chunks_mut(rows_per_task(width) * width)
             .for_each(|rows| activation.apply_in_place(rows));
@@ -371,7 +371,7 @@ unsafe fn matmul(
 }
 
 /// Loads query, key and value as one (3h, h) projection.
-fn fused_qkv(vb: VarBuilder, h: usize, head_dim: usize) -> Result<Dense> {
+fn fused_qkv(vb: VarBuilder, h: usize, head_dim: usize) -> Result<Linear> {
     let part = |name: &str| -> Result<(Tensor, Tensor)> {
         let vb = vb.pp(name);
         Ok((vb.get((h, h), "weight")?, vb.get(h, "bias")?))
@@ -382,77 +382,26 @@ fn fused_qkv(vb: VarBuilder, h: usize, head_dim: usize) -> Result<Dense> {
     let scale = 1.0 / (head_dim as f64).sqrt();
     let weight = Tensor::cat(&[(qw * scale)?, kw, vw], 0)?;
     let bias = Tensor::cat(&[(qb * scale)?, kb, vb_], 0)?;
-    Dense::new(weight, bias)
+    linear_from(weight, bias)
 }
 
 fn flat(tensor: Tensor) -> Result<Vec<f32>> {
     Ok(tensor.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// A linear layer that keeps its weight transposed to (in, out) row-major,
-/// the layout gemm reads without repacking for small batches.
-struct Dense {
-    weight_t: Vec<f32>,
-    bias: Vec<f32>,
-    inputs: usize,
-    outputs: usize,
+/// Loads a linear layer stored as PyTorch does, weight (outputs, inputs).
+fn linear(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Linear> {
+    linear_from(
+        vb.get((outputs, inputs), "weight")
+            .context("dense weight")?,
+        vb.get(outputs, "bias").context("dense bias")?,
+    )
 }
 
-impl Dense {
-    fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
-        let (outputs, inputs) = weight.dims2()?;
-        Ok(Dense {
-            weight_t: flat(weight.t()?.contiguous()?)?,
-            bias: flat(bias)?,
-            inputs,
-            outputs,
-        })
-    }
-
-    fn load(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
-        Self::new(
-            vb.get((outputs, inputs), "weight")
-                .context("dense weight")?,
-            vb.get(outputs, "bias").context("dense bias")?,
-        )
-    }
-
-    /// x·Wᵀ + b (+ `residual`), for x of (rows, inputs).
-    fn forward(&self, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
-        let rows = x.len() / self.inputs;
-        // The output starts as bias (+ residual) and gemm adds the product.
-        let mut out = match residual {
-            Some(residual) => residual.to_vec(),
-            None => Vec::with_capacity(rows * self.outputs),
-        };
-        if residual.is_some() {
-            out.par_chunks_mut(self.outputs)
-                .with_min_len(rows_per_task(self.outputs))
-                .for_each(|row| row.iter_mut().zip(&self.bias).for_each(|(o, b)| *o += b));
-        } else {
-            for _ in 0..rows {
-                out.extend_from_slice(&self.bias);
-            }
-        }
-        // SAFETY: out is (rows, outputs), x is (rows, inputs) and weight_t is
-        // (inputs, outputs), all row-major and contiguous.
-        unsafe {
-            matmul(
-                out.as_mut_ptr(),
-                self.outputs,
-                true,
-                View::rows(x.as_ptr(), rows, self.inputs, self.inputs),
-                View::rows(
-                    self.weight_t.as_ptr(),
-                    self.inputs,
-                    self.outputs,
-                    self.outputs,
-                ),
-                Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
-        out
-    }
+fn linear_from(weight: Tensor, bias: Tensor) -> Result<Linear> {
+    let (outputs, inputs) = weight.dims2()?;
+    let weight_t = flat(weight.t()?.contiguous()?)?;
+    Ok(Linear::new(&weight_t, flat(bias)?, inputs, outputs))
 }
 
 struct Norm {

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config;
 pub mod health;
 pub mod kernels;
+pub mod linear;
 pub mod metrics;
 pub mod model;
 pub mod state;
@@ -106,6 +107,7 @@ impl Server {
                         model = %loaded.info.name,
                         fingerprint = %loaded.info.fingerprint,
                         max_seq_length = loaded.info.max_seq_length,
+                        matmul_kernel = linear::Kernel::selected().name(),
                         "model loaded and warmed up"
                     );
                     let _ = loader_state.loaded.set(loaded);
