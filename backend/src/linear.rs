@@ -83,21 +83,29 @@ impl Linear {
         &self.storage[self.start + p * len..][..len]
     }
 
-    /// x·W + b (+ `residual`), for x of (rows, inputs) and a residual of
-    /// (rows, outputs), both row-major. Spread over the calling rayon pool:
-    /// by rows for a large batch, by panels for a small one, so two threads
-    /// share even a one-token product.
-    pub fn forward(&self, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
-        self.forward_with(Kernel::selected(), x, residual)
+    /// out = x·W + b (+ `residual`), for x of (rows, inputs) and a residual
+    /// of (rows, outputs), both row-major; `out`'s old contents go, its
+    /// allocation is reused. Spread over the calling rayon pool: by rows
+    /// for a large batch, by panels for a small one, so two threads share
+    /// even a one-token product.
+    pub fn forward(&self, x: &[f32], residual: Option<&[f32]>, out: &mut Vec<f32>) {
+        self.forward_with(Kernel::selected(), x, residual, out)
     }
 
-    fn forward_with(&self, kernel: Kernel, x: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+    fn forward_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+    ) {
         let rows = x.len() / self.inputs;
         assert_eq!(x.len(), rows * self.inputs, "input shape");
         if let Some(residual) = residual {
             assert_eq!(residual.len(), rows * self.outputs, "residual shape");
         }
-        let mut out = Vec::with_capacity(rows * self.outputs);
+        out.clear();
+        out.reserve(rows * self.outputs);
         let max_rows = (CHUNK_BYTES / (4 * self.inputs) / TILE_ROWS).max(1) * TILE_ROWS;
         let chunks = rows.div_ceil(max_rows);
         // Chunks of nearly equal size, whole tiles but the last.
@@ -128,7 +136,6 @@ impl Linear {
         // SAFETY: the (chunk, panel) pairs cover every row and column, and
         // every tile writes each of its elements.
         unsafe { out.set_len(rows * self.outputs) };
-        out
     }
 
     /// One task: a chunk of rows against some panels.
@@ -532,7 +539,8 @@ mod tests {
                     naive(&x, &w_t, &mut want, inputs, outputs);
                     let residual = with_residual.then_some(&residual[..]);
                     for kernel in Kernel::supported() {
-                        let got = pool.install(|| linear.forward_with(kernel, &x, residual));
+                        let mut got = vec![f32::NAN; 3];
+                        pool.install(|| linear.forward_with(kernel, &x, residual, &mut got));
                         assert_eq!(got.len(), want.len());
                         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                             assert!(
