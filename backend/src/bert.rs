@@ -29,7 +29,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::kernels::{layer_norm_in_place, softmax_in_place, Activation};
-use crate::linear::Linear;
+use crate::linear::{Linear, SharedOut};
 
 /// Rows per parallel task in the row-wise passes, in elements: enough to
 /// amortise rayon's hand-off, small enough to split a short batch.
@@ -296,20 +296,6 @@ impl Bert {
                 );
             }
         });
-    }
-}
-
-/// The context matrix, written by many attention tasks at once, each to its
-/// own block of columns.
-struct SharedOut(*mut f32);
-
-// SAFETY: tasks write disjoint elements (see `attention`).
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within the allocation (see `attention`).
-        unsafe { self.0.add(offset) }
     }
 }
 

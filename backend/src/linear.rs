@@ -105,6 +105,9 @@ impl Linear {
             assert_eq!(residual.len(), rows * self.outputs, "residual shape");
         }
         out.clear();
+        if rows == 0 {
+            return;
+        }
         out.reserve(rows * self.outputs);
         let max_rows = (CHUNK_BYTES / (4 * self.inputs) / TILE_ROWS).max(1) * TILE_ROWS;
         let chunks = rows.div_ceil(max_rows);
@@ -178,14 +181,15 @@ struct Block<'a> {
     out: *mut f32,
 }
 
-/// The output, written by many tasks at once, each to its own elements.
-struct SharedOut(*mut f32);
+/// An output buffer written by many rayon tasks at once, each to its own
+/// elements (here, and by attention's heads in `bert`).
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 
-// SAFETY: tasks write disjoint elements (see `Linear::forward`).
+// SAFETY: every user has its tasks write disjoint elements.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
