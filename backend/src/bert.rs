@@ -255,7 +255,8 @@ impl Bert {
         let stride = 3 * h;
         let tokens = *starts.last().unwrap_or(&0);
         context.clear();
-        context.resize(tokens * h, 0.0);
+        // Not zero-filled: every (sequence, head) task writes all of its block.
+        context.reserve(tokens * h);
         let out = SharedOut(context.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..starts.len() - 1)
             .flat_map(|s| (0..self.heads).map(move |head| (s, head)))
@@ -296,6 +297,9 @@ impl Bert {
                 );
             }
         });
+        // SAFETY: the tasks cover every sequence's rows and every head's
+        // columns, and each product above writes every element of its block.
+        unsafe { context.set_len(tokens * h) };
     }
 }
 

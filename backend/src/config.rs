@@ -155,6 +155,7 @@ impl Config {
             (0.0..=1.0).contains(&self.fault_error_rate),
             "--fault-error-rate must be between 0 and 1"
         );
+        crate::linear::Kernel::configured().map_err(anyhow::Error::msg)?;
         Ok(())
     }
 }

@@ -66,10 +66,6 @@ impl Linear {
         }
     }
 
-    pub fn inputs(&self) -> usize {
-        self.inputs
-    }
-
     pub fn outputs(&self) -> usize {
         self.outputs
     }
@@ -274,18 +270,42 @@ pub enum Kernel {
     Avx512,
 }
 
+/// What `SWITCHYARD_MATMUL_KERNEL` may name, slowest first.
+const CAP_NAMES: [&str; 3] = ["portable", "avx2", "avx512"];
+
 impl Kernel {
-    /// The one this process uses, chosen once.
+    /// The one this process uses, chosen once: the fastest this CPU runs,
+    /// capped by `SWITCHYARD_MATMUL_KERNEL`. The server checks the variable
+    /// at startup ([`Kernel::configured`]), so an unknown name stops it
+    /// there rather than falling back here.
     pub fn selected() -> Kernel {
         static SELECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *SELECTED.get_or_init(|| {
-            let cap = std::env::var("SWITCHYARD_MATMUL_KERNEL").ok();
-            Kernel::supported()
-                .into_iter()
-                .filter(|k| cap.as_deref().is_none_or(|cap| *k <= Kernel::named(cap)))
-                .max()
-                .unwrap_or(Kernel::Portable)
-        })
+        *SELECTED.get_or_init(|| Kernel::configured().unwrap_or_else(|_| Kernel::fastest(None)))
+    }
+
+    /// The kernel `SWITCHYARD_MATMUL_KERNEL` asks for, or an error naming
+    /// the variable and the names it accepts.
+    pub fn configured() -> Result<Kernel, String> {
+        let Ok(cap) = std::env::var("SWITCHYARD_MATMUL_KERNEL") else {
+            return Ok(Kernel::fastest(None));
+        };
+        match CAP_NAMES.iter().position(|n| *n == cap) {
+            Some(rank) => Ok(Kernel::fastest(Some(rank))),
+            None => Err(format!(
+                "SWITCHYARD_MATMUL_KERNEL={cap:?}: expected one of {}",
+                CAP_NAMES.join(", ")
+            )),
+        }
+    }
+
+    /// The fastest supported kernel whose rank in [`CAP_NAMES`] is at most
+    /// `cap` (a CPU without AVX-512 asked for it gets AVX2).
+    fn fastest(cap: Option<usize>) -> Kernel {
+        Kernel::supported()
+            .into_iter()
+            .filter(|k| cap.is_none_or(|cap| CAP_NAMES[..=cap].contains(&k.name())))
+            .max()
+            .unwrap_or(Kernel::Portable)
     }
 
     pub fn name(self) -> &'static str {
@@ -296,13 +316,6 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => "avx512",
         }
-    }
-
-    fn named(name: &str) -> Kernel {
-        Kernel::supported()
-            .into_iter()
-            .find(|k| k.name() == name)
-            .unwrap_or(Kernel::Portable)
     }
 
     /// Those this CPU can run.
@@ -514,6 +527,18 @@ mod tests {
                     - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn a_cap_selects_the_fastest_kernel_at_or_below_it() {
+        let best = *Kernel::supported().iter().max().unwrap();
+        assert_eq!(Kernel::fastest(None), best);
+        assert_eq!(Kernel::fastest(Some(0)), Kernel::Portable);
+        assert_eq!(Kernel::fastest(Some(CAP_NAMES.len() - 1)), best);
+        #[cfg(target_arch = "x86_64")]
+        if best == Kernel::Avx512 {
+            assert_eq!(Kernel::fastest(Some(1)), Kernel::Avx2);
+        }
     }
 
     /// Every kernel this CPU can run, not only the one selected; every row

@@ -1,4 +1,4 @@
-//! SIGTERM handling of the real binary.
+//! SIGTERM handling of the real binary, and startup errors that stop it.
 
 mod common;
 
@@ -123,4 +123,33 @@ fn a_model_that_cannot_load_stops_the_server_with_an_error() {
     let model_dir = dir.path().display().to_string();
     let mut server = BinaryServer::spawn(&["--model-dir", &model_dir]);
     assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(1));
+}
+
+#[test]
+fn an_unknown_matmul_kernel_stops_the_server_naming_the_variable() {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard-backend"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("SWITCHYARD_MATMUL_KERNEL", "avx1024")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn switchyard-backend");
+    let mut child = ChildGuard(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            r#"SWITCHYARD_MATMUL_KERNEL=\"avx1024\": expected one of portable, avx2, avx512"#
+        ),
+        "{stderr}"
+    );
 }
