@@ -23,6 +23,8 @@ is tilted in their favour. Two modes for ours:
 
 - concurrent: c clients, one input per request (the service as deployed,
   batching left to the backend; the Python clients share the CPU with it);
+- wrk: the same load from wrk (c connections on one C thread, every input
+  distinct), a client that leaves the backend most of the CPU;
 - batched: one client sending c inputs per request (the model path at batch
   size c, the closest match to what the in-process engines are given).
 
@@ -42,6 +44,8 @@ import threading
 import time
 
 import numpy as np
+
+from proxy_bench import run_wrk
 
 SHORT = "request {i} asks for a short embedding"
 LONG = (
@@ -132,6 +136,34 @@ def bench_http(host, port, template, concurrency, seconds, per_request=1):
     if errors:
         raise SystemExit(f"backend answered {errors[0][0]}: {errors[0][1]!r}")
     return summarise(latencies, seconds)
+
+
+# wrk script: one input per request, numbered by a counter so that every
+# input is distinct, as in bench_http.
+WRK_SCRIPT = '''
+local i = 0
+request = function()
+  i = i + 1
+  local body = string.format(%s, i)
+  return wrk.format("POST", "/v1/embeddings", {["content-type"] = "application/json"}, body)
+end
+'''
+
+
+def bench_wrk(host, port, template, concurrency, seconds):
+    """`concurrency` wrk connections, one input per request; every input
+    gets its request's latency."""
+    assert "%" not in template, "the template becomes a Lua format string"
+    body = json.dumps({"input": template.replace("{i}", "%d")})
+    lua_format = '"' + body.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_SCRIPT % lua_format)
+        script.flush()
+        result = run_wrk(f"http://{host}:{port}/v1/embeddings", concurrency,
+                         max(1, round(seconds)), script.name)
+    if result["errors"]:
+        raise SystemExit(f"wrk saw {result['errors']} failed requests")
+    return {"eps": result["rps"], "p50_ms": result["p50"], "p99_ms": result["p99"]}
 
 
 def bench_in_process(encode, template, concurrency, seconds):
@@ -379,6 +411,8 @@ def run(args, levels, st_model, onnx_dir):
         "PyTorch": lambda template, c: torch_engine.bench(template, c, args.seconds),
         "ours concurrent": lambda template, c: bench_http(
             "127.0.0.1", args.port, template, c, args.seconds, 1),
+        "ours wrk": lambda template, c: bench_wrk(
+            "127.0.0.1", args.port, template, c, args.seconds),
         "ours batched": lambda template, c: bench_http(
             "127.0.0.1", args.port, template, 1, args.seconds, c),
     }
