@@ -42,16 +42,14 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // As the server does: a misspelt cap must not quietly time another kernel.
+    let kernel = Kernel::configured().map_err(anyhow::Error::msg)?;
     let model = Model::load(&args.model_dir, "bench".into())
         .with_context(|| format!("loading {} (scripts/fetch-model)", args.model_dir.display()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build()?;
-    println!(
-        "threads {}, matmul kernel {}",
-        args.threads,
-        Kernel::selected().name()
-    );
+    println!("threads {}, matmul kernel {}", args.threads, kernel.name());
     let cases = [
         ("1short", 1, SHORT),
         ("16short", 16, SHORT),

@@ -258,7 +258,7 @@ macro_rules! by_rows {
     };
 }
 
-/// The tile kernels, best first. `SWITCHYARD_MATMUL_KERNEL` (avx512, avx2
+/// The tile kernels, slowest first. `SWITCHYARD_MATMUL_KERNEL` (avx512, avx2
 /// or portable) caps the choice, to measure or test a slower one on a CPU
 /// that has a faster one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -286,9 +286,10 @@ impl Kernel {
     /// The kernel `SWITCHYARD_MATMUL_KERNEL` asks for, or an error naming
     /// the variable and the names it accepts.
     pub fn configured() -> Result<Kernel, String> {
-        let Ok(cap) = std::env::var("SWITCHYARD_MATMUL_KERNEL") else {
+        let Some(cap) = std::env::var_os("SWITCHYARD_MATMUL_KERNEL") else {
             return Ok(Kernel::fastest(None));
         };
+        let cap = cap.to_string_lossy();
         match CAP_NAMES.iter().position(|n| *n == cap) {
             Some(rank) => Ok(Kernel::fastest(Some(rank))),
             None => Err(format!(

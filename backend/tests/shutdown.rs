@@ -130,6 +130,7 @@ fn an_unknown_matmul_kernel_stops_the_server_naming_the_variable() {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard-backend"))
         .args(["--listen", "127.0.0.1:0"])
         .env("SWITCHYARD_MATMUL_KERNEL", "avx1024")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
