@@ -276,10 +276,8 @@ impl Bert {
                 matmul(
                     scores.as_mut_ptr(),
                     len,
-                    false,
                     rows(q.as_ptr(), d),
                     rows(k.as_ptr(), d).transposed(),
-                    Parallelism::None,
                 );
             }
             scores.chunks_mut(len).for_each(softmax_in_place);
@@ -290,10 +288,8 @@ impl Bert {
                 matmul(
                     out.at(start * h + head * d),
                     h,
-                    false,
                     View::rows(scores.as_ptr(), len, len, len),
                     rows(v.as_ptr(), d),
-                    Parallelism::None,
                 );
             }
         });
@@ -337,21 +333,15 @@ impl View {
     }
 }
 
-/// dst = lhs·rhs, or dst += lhs·rhs with `accumulate`; dst is row-major
-/// with rows `dst_row_stride` apart.
+/// dst = lhs·rhs on the calling thread (each attention task is one rayon
+/// task already), dst row-major with rows `dst_row_stride` apart; dst's old
+/// contents are never read.
 ///
 /// # Safety
 /// Every element of both views and of the (lhs.rows, rhs.cols) destination
 /// must lie in a live allocation, and the destination must not overlap
 /// either view or be written by anyone else meanwhile.
-unsafe fn matmul(
-    dst: *mut f32,
-    dst_row_stride: usize,
-    accumulate: bool,
-    lhs: View,
-    rhs: View,
-    parallelism: Parallelism,
-) {
+unsafe fn matmul(dst: *mut f32, dst_row_stride: usize, lhs: View, rhs: View) {
     debug_assert_eq!(lhs.cols, rhs.rows);
     // SAFETY: the caller's contract is gemm's.
     unsafe {
@@ -362,20 +352,20 @@ unsafe fn matmul(
             dst,
             1,
             dst_row_stride as isize,
-            accumulate,
+            false,
             lhs.ptr,
             lhs.col_stride as isize,
             lhs.row_stride as isize,
             rhs.ptr,
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            // dst = alpha·dst + beta·lhs·rhs
-            if accumulate { 1.0 } else { 0.0 },
+            // dst = alpha·dst + beta·lhs·rhs; alpha is unused when dst is not read
+            0.0,
             1.0,
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         );
     }
 }
