@@ -125,7 +125,7 @@ impl Bert {
         let table = |name: &str, rows: usize| -> Result<Vec<f32>> {
             flat(embeddings.pp(name).get((rows, h), "weight")?)
         };
-        let layers = (0..config.num_hidden_layers)
+        let mut layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attention = vb.pp("attention");
@@ -139,7 +139,15 @@ impl Bert {
                     output_norm: norm(vb.pp("output"))?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<Layer>>>()?;
+        Linear::share_huge_pages(layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.qkv,
+                &mut l.attention_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ]
+        }));
         Ok(Bert {
             scratch: Mutex::default(),
             word_embeddings: table("word_embeddings", config.vocab_size)?,
