@@ -174,6 +174,24 @@ def parse_h2load(out, log):
     return {"rps": rps, "requests": done, "errors": done - ok, "p50": pct(50), "p99": pct(99)}
 
 
+def run_burst(url, args):
+    """wrk on args.burst_open connections for args.duration seconds, while
+    two bursts, at a third and two thirds of the way, each open
+    args.burst_new new TLS connections (wrk -c for 1 s): the open
+    connections' latency while the contender does the burst's handshakes.
+    The bursting client runs in its own process, so its own handshakes do
+    not stall the measuring client's event loop (a single wrk opening 256
+    TLS connections measures mostly itself in its first tenth of a second)."""
+    argv = ["wrk", "-t1", f"-c{args.burst_open}", f"-d{args.duration}s", "--latency", url]
+    steady = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    for _ in range(2):
+        time.sleep(args.duration / 3 - 0.5)
+        subprocess.run(["wrk", "-t1", f"-c{args.burst_new}", "-d1s", url],
+                       capture_output=True, check=True)
+    out, _ = steady.communicate()
+    return parse_wrk(out)
+
+
 def run_h2load(url, args):
     """HTTP/2 only (no fallback to HTTP/1.1 by ALPN), for args.duration seconds."""
     with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".tsv") as log:
@@ -291,6 +309,8 @@ def throughput_rounds(bench, procs, ports, upstream_port, scheme, args, skip=(),
             cpu0 = proc.cpu_seconds()
             if scheme == "h2":
                 res = run_h2load(targets[name], args)
+            elif label == "burst":
+                res = run_burst(targets[name], args)
             else:
                 res = run_wrk(targets[name], args.connections, args.duration)
             res["cpu_per_10k"] = (proc.cpu_seconds() - cpu0) / max(res["requests"], 1) * 10000
@@ -369,20 +389,31 @@ def main():
     p.add_argument("--h2-only", action="store_true",
                    help="only the HTTP/2 over TLS table (no HTTP/1.1, fixed-rate or "
                    "pool-size runs)")
+    p.add_argument("--tls-burst-only", action="store_true",
+                   help="only the TLS-burst table: latency on open TLS connections while "
+                   "another client opens new ones")
+    p.add_argument("--burst-open", type=int, default=32,
+                   help="the burst table's open connections (wrk -c)")
+    p.add_argument("--burst-new", type=int, default=256,
+                   help="new TLS connections per burst (wrk -c for 1 s, twice per run)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as work:
         bench = Bench(args, work)
         sizes = [int(s) for s in args.scale.split(",")]
-        upstreams = bench.start_upstream(3 if args.h2_only else max(sizes))
-        wrk = "" if args.h2_only else f"{args.connections} wrk connections, "
+        few = args.h2_only or args.tls_burst_only
+        upstreams = bench.start_upstream(3 if few else max(sizes))
+        wrk = "" if few else f"{args.connections} wrk connections, "
         report = [f"## Proxy benchmark ({time.strftime('%Y-%m-%d %H:%M')} UTC, "
                   f"{os.cpu_count()} CPUs, {wrk}{args.duration}s x {args.rounds} rounds, "
                   f"{len(BODY)}-byte body)", ""]
         try:
-            if not args.h2_only:
-                report += http1_runs(bench, upstreams, sizes, args)
-            report.append(h2_runs(bench, upstreams, args))
+            if args.tls_burst_only:
+                report.append(burst_runs(bench, upstreams, args))
+            else:
+                if not args.h2_only:
+                    report += http1_runs(bench, upstreams, sizes, args)
+                report.append(h2_runs(bench, upstreams, args))
         finally:
             for proc in bench.procs.values():
                 proc.stop()
@@ -418,6 +449,20 @@ def h2_runs(bench, upstreams, args):
             proc.stop()
     return throughput_table(f"HTTP/2 over TLS, 3 backends (h2load -c {args.h2_clients} "
                             f"-m {args.h2_streams} -t {args.h2_threads})", res)
+
+
+def burst_runs(bench, upstreams, args):
+    """TLS handshake bursts against fresh contenders ([`run_burst`])."""
+    procs, ports = bench.start_contenders(upstreams[:3], "pool3-burst")
+    try:
+        res = throughput_rounds(bench, procs, ports, upstreams[0], "https", args,
+                                label="burst")
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    return throughput_table(f"Open TLS connections during handshake bursts, 3 backends "
+                            f"(wrk -c {args.burst_open}; twice, {args.burst_new} new TLS "
+                            f"connections for 1 s)", res)
 
 
 def scale_runs(bench, upstreams, sizes, args):
