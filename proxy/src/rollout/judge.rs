@@ -141,8 +141,9 @@ pub struct Verdict {
 /// `latency_shift` and the tail test of `latency_p99_ratio`.
 const STATISTICAL_TESTS: u32 = 3;
 
-/// The share of durations past its p99 that a canary as fast as the
-/// baseline's p99 allows has, by definition.
+/// The share of a canary's durations that may lie past the limit
+/// (`max_latency_ratio` × the baseline's p99) when the canary's own p99 is
+/// at or under that limit: at most 1 %, by the definition of a p99.
 const TAIL_SHARE: f64 = 0.01;
 
 /// The smallest latency shift that counts, as a fraction of the baseline's
@@ -448,23 +449,44 @@ fn upper_tail(z: f64) -> f64 {
     0.5 * libm::erfc(z / SQRT_2)
 }
 
-/// P(K ≥ k) for K ~ Binomial(n, p), 0 < p < 1: the probability of k from
-/// log-gamma (so no power of (1 − p) underflows to a false zero), then
-/// summed exactly upward.
+/// P(K ≥ k) for K ~ Binomial(n, p), 0 < p < 1. Each side of the mean is
+/// summed away from it, starting from a probability taken from log-gamma:
+/// above the mean, P(K = k) upward; at or below it, 1 − P(K < k), with
+/// P(K = k − 1) downward. A starting term that underflows then means its
+/// whole sum is below f64's range, so the answer is never a false zero
+/// (nor a false one).
 fn binomial_upper_tail(n: usize, k: usize, p: f64) -> f64 {
     if k == 0 {
         return 1.0;
     }
+    if k > n {
+        return 0.0;
+    }
+    let odds = p / (1.0 - p);
+    if k as f64 > n as f64 * p {
+        let mut term = binomial_pmf(n, k, p);
+        let mut tail = 0.0;
+        for i in k..=n {
+            tail += term;
+            term *= (n - i) as f64 / (i + 1) as f64 * odds;
+        }
+        return tail.min(1.0);
+    }
+    let mut term = binomial_pmf(n, k - 1, p);
+    let mut below = 0.0;
+    for i in (0..k).rev() {
+        below += term;
+        term *= i as f64 / (n - i + 1) as f64 / odds;
+    }
+    (1.0 - below).max(0.0)
+}
+
+/// P(K = k) for K ~ Binomial(n, p), k ≤ n, from log-gamma, so no power of
+/// (1 − p) underflows where the probability itself does not.
+fn binomial_pmf(n: usize, k: usize, p: f64) -> f64 {
     let (nf, kf) = (n as f64, k as f64);
     let ln_choose = libm::lgamma(nf + 1.0) - libm::lgamma(kf + 1.0) - libm::lgamma(nf - kf + 1.0);
-    let mut term = (ln_choose + kf * p.ln() + (nf - kf) * (1.0 - p).ln()).exp();
-    let odds = p / (1.0 - p);
-    let mut tail = 0.0;
-    for i in k..=n {
-        tail += term;
-        term *= (n - i) as f64 / (i + 1) as f64 * odds;
-    }
-    tail.min(1.0)
+    (ln_choose + kf * p.ln() + (nf - kf) * (1.0 - p).ln()).exp()
 }
 
 /// One-sided p-value that the canary's error rate exceeds the baseline's:
@@ -803,7 +825,7 @@ mod tests {
 
     #[test]
     fn more_looks_need_stronger_evidence() {
-        // p ≈ 0.0024: under 0.01 / 2, over 0.01 / 20.
+        // p ≈ 0.0024: under 0.01 / 3, over 0.01 / 30.
         let (baseline, canary) = (counts(1000, 5), counts(1000, 20));
         let outcome =
             |looks| outcome_of("error_rate_vs_baseline", &baseline, &canary, &policy(looks));
@@ -941,6 +963,21 @@ mod tests {
         // Far past the mean of a large sample: tiny but not a false zero.
         let far = binomial_upper_tail(100_000, 1_300, 0.01);
         assert!(far > 0.0 && far < 1e-15, "{far}");
+        // Below the mean of a large sample, where P(K = k) itself
+        // underflows: nearly certain, not a false zero.
+        assert_eq!(binomial_upper_tail(1_000_000, 5_000, 0.01), 1.0);
+        assert_eq!(binomial_upper_tail(75_000, 1, 0.01), 1.0);
+        // Either side of the mean agrees with the other's complement.
+        let (up, down) = (
+            binomial_upper_tail(2000, 21, 0.01),
+            binomial_upper_tail(2000, 20, 0.01),
+        );
+        let at_20 = binomial_pmf(2000, 20, 0.01);
+        assert!(
+            (down - up - at_20).abs() < 1e-12,
+            "{down} - {up} != {at_20}"
+        );
+        assert_eq!(binomial_upper_tail(10, 11, 0.5), 0.0);
     }
 
     #[test]
