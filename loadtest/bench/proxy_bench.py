@@ -185,7 +185,7 @@ def run_burst(url, args):
     argv = ["wrk", "-t1", f"-c{args.burst_open}", f"-d{args.duration}s", "--latency", url]
     steady = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     for _ in range(2):
-        time.sleep(args.duration / 3 - 0.5)
+        time.sleep(max(0.0, args.duration / 3 - 0.5))
         subprocess.run(["wrk", "-t1", f"-c{args.burst_new}", "-d1s", url],
                        capture_output=True, check=True)
     out, _ = steady.communicate()
@@ -297,8 +297,11 @@ def urls(ports, upstream_port, scheme):
     }
 
 
-def throughput_rounds(bench, procs, ports, upstream_port, scheme, args, skip=(), label=None):
-    """Alternates contender order each round; returns per-contender medians."""
+def throughput_rounds(bench, procs, ports, upstream_port, scheme, args, skip=(), label=None,
+                      load=None):
+    """Alternates contender order each round; returns per-contender medians.
+    `load(url)` runs one contender's round, by default h2load for "h2" and
+    wrk otherwise."""
     targets = urls(ports, upstream_port, scheme)
     names = [n for n in targets if n not in skip]
     samples = {n: [] for n in names}
@@ -307,10 +310,10 @@ def throughput_rounds(bench, procs, ports, upstream_port, scheme, args, skip=(),
         for name in order:
             proc = procs.get(name, bench.procs["upstream"])
             cpu0 = proc.cpu_seconds()
-            if scheme == "h2":
+            if load:
+                res = load(targets[name])
+            elif scheme == "h2":
                 res = run_h2load(targets[name], args)
-            elif label == "burst":
-                res = run_burst(targets[name], args)
             else:
                 res = run_wrk(targets[name], args.connections, args.duration)
             res["cpu_per_10k"] = (proc.cpu_seconds() - cpu0) / max(res["requests"], 1) * 10000
@@ -456,7 +459,7 @@ def burst_runs(bench, upstreams, args):
     procs, ports = bench.start_contenders(upstreams[:3], "pool3-burst")
     try:
         res = throughput_rounds(bench, procs, ports, upstreams[0], "https", args,
-                                label="burst")
+                                label="burst", load=lambda url: run_burst(url, args))
     finally:
         for proc in procs.values():
             proc.stop()
