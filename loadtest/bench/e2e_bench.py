@@ -23,7 +23,7 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
-    p.add_argument("--switchyard", default=str(ROOT / "target/release/switchyard"))
+    p.add_argument("--switchyard", default=str(ROOT / "target/dist/switchyard"))
     p.add_argument("--backend", default=str(ROOT / "target/release/switchyard-backend"))
     p.add_argument("--model-dir", default=str(ROOT / "models/all-MiniLM-L6-v2"))
     p.add_argument("--concurrency", default="8,32")

@@ -371,7 +371,8 @@ def bench_parser(doc):
     """The options every bench script takes: the proxy binary and its TLS cert."""
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--switchyard", default=str(ROOT / "target/release/switchyard"))
+    p.add_argument("--switchyard", default=str(ROOT / "target/dist/switchyard"),
+                   help="the proxy binary (default: the dist profile's build)")
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     return p
