@@ -434,10 +434,13 @@ pub struct ResponseHeaders {
 }
 
 impl Default for ResponseHeaders {
+    /// The backend's address is internal: telling it to every client on
+    /// the internet is opt-in, as it is in nginx, HAProxy and Envoy, which
+    /// name no upstream unless told to.
     fn default() -> Self {
         Self {
             pool: true,
-            backend: true,
+            backend: false,
         }
     }
 }

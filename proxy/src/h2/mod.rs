@@ -64,7 +64,7 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
     let mut stopping = pin!(shutdown.changed());
     let (mut busy, mut closing) = (false, false);
     loop {
-        let event = poll_fn(|cx| {
+        let event = poll_fn(|cx| loop {
             // Every stream that can move runs before the connection is
             // polled, which is what writes their frames: answers that are
             // ready together go out in one write (one TLS record) instead
@@ -75,8 +75,20 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
                 let wait = if closing { CLOSE_WAIT } else { idle };
                 quiet.as_mut().reset(Instant::now() + wait);
             }
-            if let Poll::Ready(accepted) = conn.poll_accept(cx) {
-                return Poll::Ready(Event::Accepted(accepted));
+            match conn.poll_accept(cx) {
+                // A new stream starts here, in place: handing the request
+                // out of this closure first had cost a dozen copies of it.
+                Poll::Ready(Some(Ok((req, respond)))) => {
+                    busy = true;
+                    streams.push(stream::serve(app.clone(), req, respond, client));
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "h2 connection ended");
+                    return Poll::Ready(Event::Ended);
+                }
+                Poll::Ready(None) => return Poll::Ready(Event::Ended),
+                Poll::Pending => {}
             }
             if streams.is_empty() && quiet.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Quiet);
@@ -84,19 +96,11 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
             if !closing && stopping.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Stopping);
             }
-            Poll::Pending
+            return Poll::Pending;
         })
         .await;
         match event {
-            Event::Accepted(Some(Ok((req, respond)))) => {
-                busy = true;
-                streams.push(stream::serve(app.clone(), req, respond, client));
-            }
-            Event::Accepted(Some(Err(e))) => {
-                tracing::debug!(error = %e, "h2 connection ended");
-                return;
-            }
-            Event::Accepted(None) => return,
+            Event::Ended => return,
             // Idle past client_idle, or closing and nothing left.
             Event::Quiet if closing => return,
             Event::Quiet | Event::Stopping => {
@@ -109,18 +113,12 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
     }
 }
 
-/// What woke the connection's loop. Held for one turn of it: boxing the
-/// large variant would cost an allocation per stream.
-#[allow(clippy::large_enum_variant)]
+/// What ends a turn of the connection's loop.
 enum Event {
-    Accepted(Option<Result<Accepted, h2::Error>>),
+    /// The client closed the connection, or broke the protocol.
+    Ended,
     /// No stream open for the idle (or closing) wait.
     Quiet,
     /// The server began to shut down or hand over.
     Stopping,
 }
-
-type Accepted = (
-    http::Request<h2::RecvStream>,
-    h2::server::SendResponse<Bytes>,
-);
