@@ -191,7 +191,15 @@ export function embed(phases, extra = {}) {
       poolLatency[pool].add(res.timings.duration, tags);
     }
     if (backend) backendRequests.add(1, { backend, phase });
-    if (cfg.targetBackend) servedByTarget.add(backend === cfg.targetBackend, tags);
+    if (cfg.targetBackend) {
+      // Without the header every answer would count as "not the target",
+      // and a drained target's zero would pass without testing anything.
+      if (!backend) {
+        exec.test.abort('TARGET_BACKEND is set but the proxy sends no x-switchyard-backend; ' +
+          'turn it on with [response_headers] backend = true');
+      }
+      servedByTarget.add(backend === cfg.targetBackend, tags);
+    }
   }
   if (cfg.paceMs > 0) sleep(cfg.paceMs / 1000);
   return res;

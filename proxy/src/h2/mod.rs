@@ -77,7 +77,7 @@ pub async fn serve(app: Arc<Frontend>, io: Stream, mut shutdown: ShutdownWatch) 
             }
             match conn.poll_accept(cx) {
                 // A new stream starts here, in place: handing the request
-                // out of this closure first had cost a dozen copies of it.
+                // out of this closure first had cost several copies of it.
                 Poll::Ready(Some(Ok((req, respond)))) => {
                     busy = true;
                     streams.push(stream::serve(app.clone(), req, respond, client));
